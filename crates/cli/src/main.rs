@@ -1,0 +1,80 @@
+//! The `herald` command: runs the reference system.
+//!
+//! `main` parses the command line, sets up logging and turns the outcome
+//! of [`run`] into an exit code; each subcommand lives in its own module.
+
+mod up;
+
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Event-driven microservices: \
+    registrations over HTTP, a durable event bus, a welcome email."
+)]
+struct Cli {
+    /// Log filter, e.g. `info` or `info,herald=debug`.
+    #[arg(long, env = "HERALD_LOG", default_value = "info", global = true)]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole system in this process: the users service, the
+    /// embedded bus and the mailer, with everything kept in DATA_DIR.
+    Up(up::UpArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(error) = init_logging(&cli.log) {
+        eprintln!("herald: {error}");
+        return ExitCode::from(2);
+    }
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("herald: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("herald: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Up(args) => up::run(args).await,
+    }
+}
+
+/// Logs go to stderr, filtered by `filter`; stdout is kept for the lines
+/// meant for people.
+fn init_logging(filter: &str) -> Result<(), String> {
+    let targets = Targets::from_str(filter)
+        .map_err(|e| format!("invalid --log filter {filter:?}: {e}"))?;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(targets),
+        )
+        .init();
+    Ok(())
+}

@@ -1,0 +1,511 @@
+//! The embedded broker: queues in the service's own SQLite database.
+//!
+//! Nothing to install and nothing to run beside the process. Tables:
+//!
+//! - `bus_bindings`: which queue receives which event type.
+//! - `bus_messages`: one row per event per bound queue, waiting or in
+//!   flight. A row is *ready* when its `available_at` has passed.
+//! - `bus_dead_letters`: messages set aside, with the reason.
+//!
+//! Receiving a message leases it: the row gets a lease id and its
+//! `available_at` moves to the end of the lease, so no other consumer sees
+//! it until then. While the message is in flight the broker keeps renewing
+//! the lease; if the process dies, the lease runs out and the message is
+//! ready again. Acknowledging deletes the row, retrying moves
+//! `available_at` to the retry time.
+//!
+//! Publishing inside the caller's own transaction ([`EmbeddedBroker::stage`])
+//! is what makes the service's database its outbox: the change and its
+//! event commit together or not at all.
+//!
+//! Consumers in this process are woken as soon as a message is published
+//! or staged here; messages written by another process sharing the file
+//! are found by polling, at most [`EmbeddedOptions::poll_interval`] late.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{BoxFuture, Broker, BusError, DeadLetter, Delivery, DeliveryTag};
+use crate::envelope::Envelope;
+use crate::sqlite::{Database, Migration, now_millis};
+use crate::trace::TraceContext;
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "bus bindings, messages and dead letters",
+    sql: include_str!("embedded_schema.sql"),
+}];
+
+/// Tuning of the embedded broker.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedOptions {
+    /// How long a received message stays invisible to other consumers
+    /// without a renewal. A consumer that dies holds its messages this long.
+    pub lease: Duration,
+    /// The longest a waiting consumer sleeps before looking again, for
+    /// messages published by other processes.
+    pub poll_interval: Duration,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions {
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The SQLite-backed broker. Cheap to clone; clones share one state.
+#[derive(Debug, Clone)]
+pub struct EmbeddedBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Database,
+    options: EmbeddedOptions,
+    /// Bumped after every commit that adds messages, so that consumers in
+    /// this process wake at once.
+    published: watch::Sender<u64>,
+    /// Lease ids of received batches still in flight, with how many of the
+    /// batch's messages are unsettled. The renewal task keeps these alive.
+    leases: Mutex<HashMap<i64, usize>>,
+}
+
+impl EmbeddedBroker {
+    /// Prepares the bus tables in `db` and starts renewing leases.
+    pub async fn open(
+        db: Database,
+        options: EmbeddedOptions,
+    ) -> Result<Self, BusError> {
+        db.migrate("bus", MIGRATIONS).await?;
+        let inner = Arc::new(Inner {
+            db,
+            options,
+            published: watch::Sender::new(0),
+            leases: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(renew_leases(Arc::downgrade(&inner)));
+        Ok(EmbeddedBroker { inner })
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.inner.db
+    }
+
+    /// Writes `envelope` to the queues bound to its type, inside the
+    /// caller's transaction: the event exists if and only if that
+    /// transaction commits. Call [`wake`](Self::wake) after the commit.
+    pub async fn stage(
+        tx: &mut SqliteConnection,
+        envelope: &Envelope,
+    ) -> Result<(), BusError> {
+        let inserted = sqlx::query(
+            "INSERT INTO bus_messages (queue, event_id, event_type, source,
+                 subject, time, content_type, traceparent, payload,
+                 available_at)
+             SELECT queue, ?, ?, ?, ?, ?, ?, ?, ?, ?
+             FROM bus_bindings WHERE event_type = ?",
+        )
+        .bind(envelope.id.to_string())
+        .bind(&envelope.event_type)
+        .bind(&envelope.source)
+        .bind(&envelope.subject)
+        .bind(envelope.time.to_rfc3339())
+        .bind(&envelope.content_type)
+        .bind(envelope.traceparent.map(|t| t.to_string()))
+        .bind(&envelope.data)
+        .bind(now_millis())
+        .bind(&envelope.event_type)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+
+        if inserted == 0 {
+            return Err(BusError::Unroutable {
+                event_type: envelope.event_type.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Wakes this process's consumers after new messages were committed.
+    pub fn wake(&self) {
+        self.inner.published.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Messages waiting or in flight in `queue`.
+    pub async fn depth(&self, queue: &str) -> Result<u64, BusError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM bus_messages WHERE queue = ?",
+        )
+        .bind(queue)
+        .fetch_one(self.inner.db.reader())
+        .await?;
+        Ok(count as u64)
+    }
+
+    /// The dead letters of `queue`, oldest first.
+    pub async fn dead_letters(
+        &self,
+        queue: &str,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let rows = sqlx::query(
+            "SELECT * FROM bus_dead_letters WHERE queue = ? ORDER BY id",
+        )
+        .bind(queue)
+        .fetch_all(self.inner.db.reader())
+        .await?;
+        rows.iter().map(dead_letter_from_row).collect()
+    }
+
+    /// Leases up to `max` ready messages of `queue`.
+    async fn claim(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let lease = fastrand::i64(1..);
+        let now = now_millis();
+        let lease_end = now + millis(self.inner.options.lease);
+        let rows = sqlx::query(
+            "UPDATE bus_messages
+             SET attempts = attempts + 1, lease = ?1, available_at = ?2
+             WHERE seq IN (
+                 SELECT seq FROM bus_messages
+                 WHERE queue = ?3 AND available_at <= ?4
+                 ORDER BY available_at, seq LIMIT ?5)
+             RETURNING *",
+        )
+        .bind(lease)
+        .bind(lease_end)
+        .bind(queue)
+        .bind(now)
+        .bind(max as i64)
+        .fetch_all(self.inner.db.writer())
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        self.inner.leases.lock().unwrap().insert(lease, rows.len());
+        let mut deliveries = rows
+            .iter()
+            .map(delivery_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        deliveries.sort_by_key(|d| d.tag.seq);
+        Ok(deliveries)
+    }
+
+    /// When the next message of `queue` becomes ready, if any is there.
+    async fn next_ready_at(
+        &self,
+        queue: &str,
+    ) -> Result<Option<i64>, BusError> {
+        let at = sqlx::query_scalar(
+            "SELECT MIN(available_at) FROM bus_messages WHERE queue = ?",
+        )
+        .bind(queue)
+        .fetch_one(self.inner.db.reader())
+        .await?;
+        Ok(at)
+    }
+
+    async fn wait_and_claim(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let poll = self.inner.options.poll_interval;
+        loop {
+            // Subscribe before looking, so a publish between the look and
+            // the wait still wakes us.
+            let mut published = self.inner.published.subscribe();
+            let batch = self.claim(queue, max).await?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+
+            let wait = match self.next_ready_at(queue).await? {
+                Some(at) => Duration::from_millis(
+                    at.saturating_sub(now_millis()).max(1) as u64,
+                )
+                .min(poll),
+                None => poll,
+            };
+            tokio::select! {
+                _ = published.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Forgets a settled delivery, so that its lease is no longer renewed.
+    fn settled(&self, delivery: &Delivery) {
+        let mut leases = self.inner.leases.lock().unwrap();
+        if let Some(left) = leases.get_mut(&delivery.tag.lease) {
+            *left -= 1;
+            if *left == 0 {
+                leases.remove(&delivery.tag.lease);
+            }
+        }
+    }
+
+    fn lost(delivery: &Delivery) -> BusError {
+        BusError::LeaseLost {
+            event_id: delivery.envelope.id,
+        }
+    }
+
+    async fn update_held(
+        &self,
+        delivery: &Delivery,
+        available_at: i64,
+        attempts_delta: i64,
+        error: Option<&str>,
+    ) -> Result<(), BusError> {
+        let updated = sqlx::query(
+            "UPDATE bus_messages
+             SET available_at = ?3, lease = NULL,
+                 attempts = attempts + ?4,
+                 last_error = COALESCE(?5, last_error),
+                 first_failed_at = CASE WHEN ?5 IS NULL THEN first_failed_at
+                     ELSE COALESCE(first_failed_at, ?6) END
+             WHERE seq = ?1 AND lease = ?2",
+        )
+        .bind(delivery.tag.seq)
+        .bind(delivery.tag.lease)
+        .bind(available_at)
+        .bind(attempts_delta)
+        .bind(error)
+        .bind(now_millis())
+        .execute(self.inner.db.writer())
+        .await?
+        .rows_affected();
+        self.settled(delivery);
+        if updated == 0 {
+            return Err(Self::lost(delivery));
+        }
+        self.wake();
+        Ok(())
+    }
+}
+
+impl Broker for EmbeddedBroker {
+    fn bind<'a>(
+        &'a self,
+        queue: &'a str,
+        event_types: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let mut tx = self.inner.db.begin().await?;
+            for event_type in event_types {
+                sqlx::query(
+                    "INSERT INTO bus_bindings (queue, event_type)
+                     VALUES (?, ?) ON CONFLICT DO NOTHING",
+                )
+                .bind(queue)
+                .bind(event_type)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let mut tx = self.inner.db.begin().await?;
+            Self::stage(&mut tx, envelope).await?;
+            tx.commit().await?;
+            self.wake();
+            Ok(())
+        })
+    }
+
+    fn receive<'a>(
+        &'a self,
+        queue: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BusError>> {
+        Box::pin(self.wait_and_claim(queue, max.max(1)))
+    }
+
+    fn ack<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let deleted = sqlx::query(
+                "DELETE FROM bus_messages WHERE seq = ? AND lease = ?",
+            )
+            .bind(delivery.tag.seq)
+            .bind(delivery.tag.lease)
+            .execute(self.inner.db.writer())
+            .await?
+            .rows_affected();
+            self.settled(delivery);
+            if deleted == 0 {
+                return Err(Self::lost(delivery));
+            }
+            Ok(())
+        })
+    }
+
+    fn retry<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        delay: Duration,
+        error: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        let at = now_millis() + millis(delay);
+        Box::pin(self.update_held(delivery, at, 0, Some(error)))
+    }
+
+    fn release<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(self.update_held(delivery, now_millis(), -1, None))
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let mut tx = self.inner.db.begin().await?;
+            let moved = sqlx::query(
+                "INSERT INTO bus_dead_letters (queue, event_id, event_type,
+                     source, subject, time, content_type, traceparent,
+                     payload, attempts, reason, first_failed_at, dead_at)
+                 SELECT queue, event_id, event_type, source, subject, time,
+                     content_type, traceparent, payload, attempts, ?3,
+                     COALESCE(first_failed_at, ?4), ?4
+                 FROM bus_messages WHERE seq = ?1 AND lease = ?2",
+            )
+            .bind(delivery.tag.seq)
+            .bind(delivery.tag.lease)
+            .bind(reason)
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query("DELETE FROM bus_messages WHERE seq = ? AND lease = ?")
+                .bind(delivery.tag.seq)
+                .bind(delivery.tag.lease)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            self.settled(delivery);
+            if moved == 0 {
+                return Err(Self::lost(delivery));
+            }
+            Ok(())
+        })
+    }
+
+    fn is_ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(self.inner.db.is_usable())
+    }
+}
+
+/// Keeps the leases of in-flight messages alive, a third of a lease at a
+/// time, until the broker is dropped.
+async fn renew_leases(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(inner) => inner.options.lease / 3,
+        None => return,
+    };
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let held: Vec<i64> =
+            inner.leases.lock().unwrap().keys().copied().collect();
+        if held.is_empty() {
+            continue;
+        }
+
+        let lease_end = now_millis() + millis(inner.options.lease);
+        let renewed = sqlx::query(
+            "UPDATE bus_messages SET available_at = ?
+             WHERE lease IN (SELECT value FROM json_each(?))",
+        )
+        .bind(lease_end)
+        .bind(serde_json::to_string(&held).expect("ids serialise"))
+        .execute(inner.db.writer())
+        .await;
+        if let Err(error) = renewed {
+            tracing::warn!(
+                error = %error,
+                "could not renew leases; in-flight messages may be \
+                 delivered again"
+            );
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn envelope_from_row(row: &SqliteRow) -> Result<Envelope, BusError> {
+    let id: String = row.try_get("event_id")?;
+    let time: String = row.try_get("time")?;
+    let traceparent: Option<String> = row.try_get("traceparent")?;
+    Ok(Envelope {
+        id: Uuid::parse_str(&id)
+            .map_err(|e| BusError::Corrupt(format!("event id {id:?}: {e}")))?,
+        source: row.try_get("source")?,
+        event_type: row.try_get("event_type")?,
+        subject: row.try_get("subject")?,
+        time: DateTime::parse_from_rfc3339(&time)
+            .map_err(|e| BusError::Corrupt(format!("time {time:?}: {e}")))?
+            .with_timezone(&Utc),
+        content_type: row.try_get("content_type")?,
+        traceparent: traceparent.as_deref().and_then(TraceContext::parse),
+        data: row.try_get("payload")?,
+    })
+}
+
+fn delivery_from_row(row: &SqliteRow) -> Result<Delivery, BusError> {
+    let attempts: i64 = row.try_get("attempts")?;
+    Ok(Delivery {
+        envelope: envelope_from_row(row)?,
+        queue: row.try_get("queue")?,
+        attempt: u32::try_from(attempts).unwrap_or(u32::MAX),
+        tag: DeliveryTag {
+            seq: row.try_get("seq")?,
+            lease: row.try_get("lease")?,
+        },
+    })
+}
+
+fn dead_letter_from_row(row: &SqliteRow) -> Result<DeadLetter, BusError> {
+    let attempts: i64 = row.try_get("attempts")?;
+    let dead_at: i64 = row.try_get("dead_at")?;
+    Ok(DeadLetter {
+        id: row.try_get("id")?,
+        envelope: envelope_from_row(row)?,
+        queue: row.try_get("queue")?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        reason: row.try_get("reason")?,
+        dead_at: DateTime::from_timestamp_millis(dead_at).unwrap_or_default(),
+    })
+}

@@ -1,0 +1,128 @@
+//! The broker: where events wait between their producer and their
+//! consumers.
+//!
+//! A producer publishes an [`Envelope`]; the broker copies it into every
+//! queue bound to its type. A consumer receives [`Delivery`]s from one
+//! queue and settles each one exactly once: acknowledged (done, gone),
+//! retried (back to the queue after a delay) or dead-lettered (set aside
+//! with the reason, for a person to look at).
+//!
+//! Every backend gives the same promises: publish is durable when it
+//! returns; delivery is at least once, so work held by a consumer that dies
+//! comes back; a delivery's attempt count survives crashes.
+
+pub mod embedded;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::envelope::Envelope;
+
+/// A boxed future, so that brokers can be chosen at run time.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A message handed to a consumer, to be settled by it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub envelope: Envelope,
+    pub queue: String,
+    /// 1 on the first delivery, counted by the broker, so that a consumer
+    /// crashing does not reset it.
+    pub attempt: u32,
+    /// The broker's handle on this delivery.
+    pub(crate) tag: DeliveryTag,
+}
+
+/// Identifies one delivery to the broker that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct DeliveryTag {
+    pub(crate) seq: i64,
+    pub(crate) lease: i64,
+}
+
+/// A message set aside after it could not be handled.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub envelope: Envelope,
+    pub queue: String,
+    pub attempts: u32,
+    pub reason: String,
+    pub dead_at: DateTime<Utc>,
+}
+
+/// A backend of the bus.
+pub trait Broker: Send + Sync + 'static {
+    /// Makes sure `queue` exists and receives every event whose type is in
+    /// `event_types`. Declaring the same binding again changes nothing.
+    fn bind<'a>(
+        &'a self,
+        queue: &'a str,
+        event_types: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Stores `envelope` in every queue bound to its type. Returns once the
+    /// event is durable; an event no queue is bound to is an error.
+    fn publish<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Waits until `queue` has messages ready, then returns up to `max` of
+    /// them. Dropping the future gives nothing up: messages are only taken
+    /// when it completes.
+    fn receive<'a>(
+        &'a self,
+        queue: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BusError>>;
+
+    /// The delivery was handled: remove it.
+    fn ack<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// The delivery failed for now: offer it again after `delay`.
+    fn retry<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        delay: Duration,
+        error: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// The delivery was never handled (the consumer is stopping): offer it
+    /// again at once, without counting the attempt.
+    fn release<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// The delivery cannot be handled: move it to the dead letters with
+    /// `reason`.
+    fn dead_letter<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Whether the broker can take and hand out messages now.
+    fn is_ready(&self) -> BoxFuture<'_, bool>;
+}
+
+/// What can go wrong on the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("no queue is bound to event type {event_type}")]
+    Unroutable { event_type: String },
+    #[error("delivery {event_id} is no longer held by this consumer")]
+    LeaseLost { event_id: Uuid },
+    #[error("the embedded bus database failed")]
+    Database(#[from] sqlx::Error),
+    #[error("a stored message is corrupt: {0}")]
+    Corrupt(String),
+}

@@ -1,0 +1,155 @@
+//! W3C trace context: the `traceparent` that ties an HTTP request to the
+//! events it caused and to the work those events caused in turn.
+//!
+//! herald only carries the context; exporting spans is the job of whatever
+//! tracing backend the process installs.
+
+use std::fmt;
+
+/// One position in a distributed trace: the trace it belongs to and the
+/// span that is current, in the `traceparent` format
+/// `00-<trace id>-<parent span id>-<flags>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
+}
+
+impl TraceContext {
+    /// Starts a new trace, sampled.
+    pub fn new_root() -> Self {
+        TraceContext {
+            trace_id: nonzero_u128(),
+            span_id: nonzero_u64(),
+            flags: 0x01,
+        }
+    }
+
+    /// A new span in the same trace, with this one as its parent.
+    pub fn child(&self) -> Self {
+        TraceContext {
+            span_id: nonzero_u64(),
+            ..*self
+        }
+    }
+
+    /// Reads a `traceparent` header. Returns `None` for anything that is not
+    /// a well-formed version-00 context, as the W3C spec asks: a malformed
+    /// header starts a new trace rather than failing the request.
+    pub fn parse(header: &str) -> Option<Self> {
+        let mut parts = header.trim().split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || version != "00" {
+            return None;
+        }
+        let trace_id = lower_hex::<u128>(trace, 32)?;
+        let span_id = lower_hex::<u64>(span, 16)?;
+        let flags = lower_hex::<u8>(flags, 2)?;
+        if trace_id == 0 || span_id == 0 {
+            return None;
+        }
+        Some(TraceContext {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    /// The trace id as 32 lower-case hex digits, as logs show it.
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+}
+
+impl fmt::Debug for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TraceContext({self})")
+    }
+}
+
+/// Parses exactly `digits` lower-case hex digits.
+fn lower_hex<T: FromHex>(text: &str, digits: usize) -> Option<T> {
+    let well_formed = text.len() == digits
+        && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if well_formed { T::from_hex(text) } else { None }
+}
+
+trait FromHex: Sized {
+    fn from_hex(text: &str) -> Option<Self>;
+}
+
+macro_rules! from_hex {
+    ($($t:ty),*) => {$(
+        impl FromHex for $t {
+            fn from_hex(text: &str) -> Option<Self> {
+                <$t>::from_str_radix(text, 16).ok()
+            }
+        }
+    )*};
+}
+from_hex!(u8, u64, u128);
+
+fn nonzero_u128() -> u128 {
+    loop {
+        let id = fastrand::u128(..);
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn nonzero_u64() -> u64 {
+    fastrand::u64(1..)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str =
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn a_valid_traceparent_round_trips() {
+        let context = TraceContext::parse(SAMPLE).unwrap();
+        assert_eq!(context.to_string(), SAMPLE);
+        assert_eq!(context.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn a_child_keeps_the_trace_and_changes_the_span() {
+        let parent = TraceContext::parse(SAMPLE).unwrap();
+        let child = parent.child();
+        assert_eq!(child.trace_id(), parent.trace_id());
+        assert_ne!(child.to_string(), parent.to_string());
+    }
+
+    #[test]
+    fn malformed_traceparents_are_refused() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
+        }
+    }
+}

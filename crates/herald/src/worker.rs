@@ -1,0 +1,359 @@
+//! Workers: run a handler over a queue and settle every delivery.
+//!
+//! A [`Subscription`] names the queue, the event types bound to it and how
+//! its deliveries are handled: how many at once, under what time limit,
+//! with what [`RetryPolicy`]. The handler's result decides what happens to
+//! a delivery:
+//!
+//! - `Ok(())`: acknowledged.
+//! - [`HandlerError::Transient`]: offered again after a backoff, until the
+//!   policy's last attempt, then dead-lettered with the last error. A
+//!   handler that panics or runs out of time failed transiently.
+//! - [`HandlerError::Permanent`]: dead-lettered at once.
+//!
+//! Shutting down stops receiving, lets handlers in flight finish until a
+//! deadline, and hands the rest back to the broker unacknowledged.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::broker::{BoxFuture, Broker, BusError, Delivery};
+
+/// Handles one delivery at a time; many may run at once.
+pub trait Handler: Send + Sync + 'static {
+    fn handle<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// Why a handler did not succeed, which decides what becomes of the
+/// delivery.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth trying again: a timeout, a refused connection, a busy server.
+    #[error("{reason}")]
+    Transient {
+        reason: String,
+        /// Wait this long before the next attempt instead of the policy's
+        /// backoff, e.g. when a server said when to come back.
+        retry_after: Option<Duration>,
+    },
+    /// Will fail the same way every time: dead-letter it.
+    #[error("{reason}")]
+    Permanent { reason: String },
+}
+
+impl HandlerError {
+    pub fn transient(reason: impl Into<String>) -> Self {
+        HandlerError::Transient {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        HandlerError::Permanent {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How often and how long to wait between attempts at a failing delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 8,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(600),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt number `attempt` (1-based): exponential
+    /// backoff with full jitter, a random time between zero and
+    /// `min(cap, base × 2^(attempt - 1))`, so that consumers failing
+    /// together do not retry together.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(32);
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << exponent.min(31))
+            .min(self.cap);
+        ceiling.mul_f64(fastrand::f64())
+    }
+}
+
+/// Which queue to consume and for which events.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub queue: String,
+    pub event_types: Vec<&'static str>,
+    pub options: WorkerOptions,
+}
+
+/// How a worker runs its handler.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerOptions {
+    /// Deliveries handled at once.
+    pub concurrency: usize,
+    /// A handler still running after this long failed transiently.
+    pub handler_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// On shutdown, how long handlers in flight may take to finish before
+    /// their deliveries are handed back.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 8,
+            handler_timeout: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Binds the subscription's queue, then handles its deliveries until
+/// `shutdown` completes. Returns after the graceful stop.
+pub async fn run(
+    broker: Arc<dyn Broker>,
+    subscription: Subscription,
+    handler: Arc<dyn Handler>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BusError> {
+    let queue = subscription.queue.as_str();
+    let options = subscription.options;
+    broker.bind(queue, &subscription.event_types).await?;
+
+    let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let mut in_flight = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        // Wait for a free slot, then take as many deliveries as there are
+        // free slots, so that nothing is received that cannot start now.
+        let first = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = slots.clone().acquire_owned() => {
+                permit.expect("the semaphore is never closed")
+            }
+        };
+        let free = 1 + slots.available_permits();
+        let batch = tokio::select! {
+            _ = &mut shutdown => break,
+            batch = broker.receive(queue, free) => batch,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::error!(
+                    queue, error = %error, "could not receive; retrying"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+
+        let mut first = Some(first);
+        for delivery in batch {
+            let permit = match first.take() {
+                Some(permit) => permit,
+                None => slots
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("received no more than the free slots"),
+            };
+            let broker = broker.clone();
+            let handler = handler.clone();
+            in_flight.spawn(async move {
+                settle(&*broker, &*handler, delivery, &options).await;
+                drop(permit);
+            });
+        }
+        // Reap finished handlers so the set does not grow without bound.
+        while in_flight.try_join_next().is_some() {}
+    }
+
+    drain(in_flight, options.shutdown_grace, queue).await;
+    Ok(())
+}
+
+/// Waits for handlers in flight until `grace` runs out, then abandons the
+/// rest: their deliveries stay leased and unacknowledged, so the broker
+/// offers them again.
+async fn drain(mut in_flight: JoinSet<()>, grace: Duration, queue: &str) {
+    if in_flight.is_empty() {
+        return;
+    }
+    tracing::info!(queue, in_flight = in_flight.len(), "finishing handlers");
+    let finished = tokio::time::timeout(grace, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            queue,
+            abandoned = in_flight.len(),
+            "shutdown deadline passed; unfinished deliveries will be \
+             delivered again"
+        );
+        in_flight.shutdown().await;
+    }
+}
+
+/// Runs the handler on one delivery and settles it by the outcome.
+async fn settle(
+    broker: &dyn Broker,
+    handler: &dyn Handler,
+    delivery: Delivery,
+    options: &WorkerOptions,
+) {
+    let outcome = run_handler(handler, &delivery, options).await;
+    let event_id = delivery.envelope.id;
+    let event_type = delivery.envelope.event_type.as_str();
+    let attempt = delivery.attempt;
+
+    let settled = match outcome {
+        Ok(()) => {
+            tracing::debug!(%event_id, event_type, attempt, "handled");
+            broker.ack(&delivery).await
+        }
+        Err(HandlerError::Permanent { reason }) => {
+            tracing::warn!(
+                %event_id, event_type, attempt, reason,
+                "permanent failure; dead-lettered"
+            );
+            broker.dead_letter(&delivery, &reason).await
+        }
+        Err(HandlerError::Transient { reason, .. })
+            if attempt >= options.retry.max_attempts =>
+        {
+            tracing::warn!(
+                %event_id, event_type, attempt, reason,
+                "failed on the last attempt; dead-lettered"
+            );
+            let reason = format!("gave up after {attempt} attempts: {reason}");
+            broker.dead_letter(&delivery, &reason).await
+        }
+        Err(HandlerError::Transient {
+            reason,
+            retry_after,
+        }) => {
+            let delay =
+                retry_after.unwrap_or_else(|| options.retry.backoff(attempt));
+            tracing::info!(
+                %event_id, event_type, attempt, reason,
+                retry_in_ms = delay.as_millis() as u64,
+                "transient failure; will retry"
+            );
+            broker.retry(&delivery, delay, &reason).await
+        }
+    };
+
+    if let Err(error) = settled {
+        tracing::warn!(
+            %event_id, event_type, error = %error,
+            "could not settle; the broker will deliver it again"
+        );
+    }
+}
+
+/// The handler's result, with a panic or a timeout turned into a transient
+/// failure.
+async fn run_handler(
+    handler: &dyn Handler,
+    delivery: &Delivery,
+    options: &WorkerOptions,
+) -> Result<(), HandlerError> {
+    use std::panic::AssertUnwindSafe;
+
+    let guarded = AssertUnwindSafe(handler.handle(delivery));
+    let timed = tokio::time::timeout(
+        options.handler_timeout,
+        futures_catch_unwind(guarded),
+    );
+    match timed.await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(HandlerError::transient(format!(
+            "handler panicked: {}",
+            panic_message(&panic)
+        ))),
+        Err(_) => Err(HandlerError::transient(format!(
+            "handler timed out after {:?}",
+            options.handler_timeout
+        ))),
+    }
+}
+
+/// Polls `future`, turning a panic inside it into an error.
+async fn futures_catch_unwind<F: Future>(
+    future: std::panic::AssertUnwindSafe<F>,
+) -> Result<F::Output, Box<dyn std::any::Any + Send>> {
+    let mut future = std::pin::pin!(future.0);
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            future.as_mut().poll(cx)
+        })) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(output)) => {
+                std::task::Poll::Ready(Ok(output))
+            }
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    })
+    .await
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a non-text panic".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_under_the_exponential_ceiling_and_the_cap() {
+        let policy = RetryPolicy {
+            max_attempts: 8,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(10),
+        };
+        for _ in 0..1000 {
+            assert!(policy.backoff(1) <= Duration::from_secs(1));
+            assert!(policy.backoff(3) <= Duration::from_secs(4));
+            assert!(policy.backoff(10) <= Duration::from_secs(10));
+            assert!(policy.backoff(u32::MAX) <= Duration::from_secs(10));
+        }
+    }
+
+    #[test]
+    fn backoff_is_jittered() {
+        let policy = RetryPolicy::default();
+        let waits: std::collections::HashSet<_> =
+            (0..50).map(|_| policy.backoff(5)).collect();
+        assert!(waits.len() > 1);
+    }
+}

@@ -1,0 +1,393 @@
+//! The users service's HTTP API.
+//!
+//! - `POST /user/register`: register a user (see [`register`]).
+//! - `GET /healthz`: the process is alive.
+//! - `GET /readyz`: the store and the bus are usable.
+//!
+//! Every error is JSON, `{"error": {"code", "message", "field"}}`, with its
+//! status mapped in one place ([`ApiError`]'s `IntoResponse`).
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::domain::{
+    EmailAddress, FieldError, Locale, Password, UserId, UserName, parse_locale,
+    preferred_locale,
+};
+use crate::store::{NewUser, StoreError, Taken};
+use crate::{TraceContext, Users};
+
+/// The largest registration body accepted.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+pub fn router(users: Users) -> Router {
+    Router::new()
+        .route("/user/register", post(register))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(users)
+}
+
+/// Registers a user: validates the body, hashes the password, stores the
+/// user and its `user.registered` event together, and answers 201.
+async fn register(
+    State(users): State<Users>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    // Refuse what is not JSON or too big before reading any of it.
+    if !is_json(&headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let body = read_limited(body, &headers).await?;
+    let fields = parse_object(&body)?;
+
+    let accepted = headers
+        .get(header::ACCEPT_LANGUAGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(preferred_locale);
+    let registration = Registration::parse(&fields, accepted)?;
+
+    // Answer a known duplicate before spending a hash on it.
+    let Registration {
+        user_id,
+        user_name,
+        email,
+        locale,
+        password,
+    } = registration;
+    if let Some(taken) = users.store.find_taken(&user_id, &email).await? {
+        return Err(StoreError::Taken(taken).into());
+    }
+
+    let password_hash = users
+        .hasher
+        .hash(password)
+        .await
+        .map_err(|e| ApiError::Unexpected(e.to_string()))?;
+    let user = NewUser {
+        user_id,
+        user_name,
+        email,
+        locale,
+        password_hash,
+    };
+    let trace = incoming_trace(&headers)
+        .map_or_else(TraceContext::new_root, |parent| parent.child());
+    let event_id = users.store.register(&user, trace).await?;
+
+    tracing::info!(
+        user_id = user.user_id.as_str(),
+        %event_id,
+        trace_id = %trace.trace_id(),
+        "user registered"
+    );
+    let message = match locale {
+        Locale::English => "User registered",
+        Locale::SimplifiedChinese => "用户注册成功",
+    };
+    let body = json!({ "message": message, "user_id": user.user_id.as_str() });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// A registration request, every field checked.
+struct Registration {
+    user_id: UserId,
+    user_name: UserName,
+    password: Password,
+    email: EmailAddress,
+    locale: Locale,
+}
+
+impl Registration {
+    /// Checks the fields in a fixed order and reports the first rule
+    /// broken. The address is `email` when given, else `user_id` when that
+    /// is an address. The locale is the `locale` field, else the one
+    /// `Accept-Language` prefers, else English.
+    fn parse(
+        fields: &Map<String, Value>,
+        accepted: Option<Locale>,
+    ) -> Result<Self, FieldError> {
+        let user_id = UserId::parse(required(fields, "user_id")?)?;
+        let user_name = UserName::parse(required(fields, "user_name")?)?;
+        let password = Password::parse(required(fields, "user_password")?)?;
+
+        let email = match optional(fields, "email")? {
+            Some(text) => EmailAddress::parse(text, "email")?,
+            None => EmailAddress::parse(user_id.as_str(), "user_id").map_err(
+                |_| FieldError {
+                    field: "email",
+                    code: "no_address",
+                    message: "email is required when user_id is not an \
+                              email address"
+                        .into(),
+                },
+            )?,
+        };
+        let locale = match optional(fields, "locale")? {
+            Some(text) => parse_locale(text)?,
+            None => accepted.unwrap_or_default(),
+        };
+        Ok(Registration {
+            user_id,
+            user_name,
+            password,
+            email,
+            locale,
+        })
+    }
+}
+
+fn required<'a>(
+    fields: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a str, FieldError> {
+    optional(fields, field)?.ok_or_else(|| FieldError {
+        field,
+        code: "missing",
+        message: format!("{field} is required"),
+    })
+}
+
+/// A string field, absent when missing or null.
+fn optional<'a>(
+    fields: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, FieldError> {
+    match fields.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(FieldError {
+            field,
+            code: "wrong_type",
+            message: format!("{field} must be a string"),
+        }),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return false;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.len() > 17
+            && essence[..12].eq_ignore_ascii_case("application/")
+            && essence.to_ascii_lowercase().ends_with("+json"))
+}
+
+/// Reads the body, refusing it as soon as it is known to be too large.
+async fn read_limited(
+    body: Body,
+    headers: &HeaderMap,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ApiError::TooLarge);
+    }
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::TooLarge)
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(_) => {
+            Err(ApiError::Malformed("the body must be a JSON object".into()))
+        }
+        Err(e) => Err(ApiError::Malformed(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+fn incoming_trace(headers: &HeaderMap) -> Option<TraceContext> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    TraceContext::parse(value)
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(users): State<Users>) -> Response {
+    let store = users.store.is_usable().await;
+    let bus = users.bus_ready().await;
+    let status = if store && bus {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
+        "checks": { "store": store, "bus": bus },
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Every way a request can fail, mapped to a status in one place.
+#[derive(Debug)]
+pub enum ApiError {
+    Malformed(String),
+    TooLarge,
+    UnsupportedMediaType,
+    Invalid(FieldError),
+    Taken(Taken),
+    NotFound,
+    MethodNotAllowed,
+    /// The store or the bus cannot take the registration now; retrying
+    /// later may work.
+    Unavailable(String),
+    /// A failure that is not the client's; details go to the log only.
+    Unexpected(String),
+}
+
+impl From<FieldError> for ApiError {
+    fn from(error: FieldError) -> Self {
+        ApiError::Invalid(error)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Taken(taken) => ApiError::Taken(taken),
+            StoreError::NoSubscriber => ApiError::Unavailable(
+                "no consumer is bound to user.registered".into(),
+            ),
+            StoreError::Database(e) if is_busy(&e) => {
+                ApiError::Unavailable(error_chain(&e))
+            }
+            other => ApiError::Unexpected(error_chain(&other)),
+        }
+    }
+}
+
+fn is_busy(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+        || error.as_database_error().is_some_and(|e| {
+            e.message().contains("locked") || e.message().contains("busy")
+        })
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message, field) = match &self {
+            ApiError::Malformed(why) => (
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                why.as_str(),
+                None,
+            ),
+            ApiError::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the body is larger than 16 KiB",
+                None,
+            ),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json",
+                None,
+            ),
+            ApiError::Invalid(e) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                e.code,
+                e.message.as_str(),
+                Some(e.field),
+            ),
+            ApiError::Taken(Taken::UserId) => (
+                StatusCode::CONFLICT,
+                "already_registered",
+                "this user_id is already registered",
+                Some("user_id"),
+            ),
+            ApiError::Taken(Taken::Email) => (
+                StatusCode::CONFLICT,
+                "already_registered",
+                "this email address is already registered",
+                Some("email"),
+            ),
+            ApiError::NotFound => {
+                (StatusCode::NOT_FOUND, "not_found", "no such route", None)
+            }
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+                None,
+            ),
+            ApiError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the service cannot take registrations right now; \
+                 try again shortly",
+                None,
+            ),
+            ApiError::Unexpected(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "something went wrong on our side",
+                None,
+            ),
+        };
+
+        match &self {
+            ApiError::Unavailable(why) | ApiError::Unexpected(why) => {
+                tracing::error!(error = why.as_str(), "registration failed");
+            }
+            _ => tracing::debug!(
+                target: "users::rejected",
+                status = status.as_u16(),
+                code,
+                field,
+                "request rejected"
+            ),
+        }
+        let body = json!({ "error": ErrorBody { code, message, field } });
+        (status, Json(body)).into_response()
+    }
+}
