@@ -1,16 +1,19 @@
 //! The mailer service: a welcome email for every `user.registered.v1`.
 //!
 //! The bus delivers an event at least once, so the mailer makes the email
-//! happen once: it records each event it has mailed (in the
-//! `mailer_deliveries` table) and derives the Message-ID and the Maildir
-//! file name from the event id, so that a second delivery of the same
-//! event is recognised and sends nothing.
+//! happen once. Before sending, a handler claims the event in the
+//! `mailer_deliveries` table; a second delivery of the same event, in this
+//! process or another, finds the claim and either skips (the email went
+//! out) or waits its turn (the email is being sent). A claim left behind by
+//! a process that died mid-send expires, and the email is sent again with
+//! the same Message-ID, derived from the event id like the Maildir file
+//! name, so that duplicates can still be recognised downstream.
 
 pub mod maildir;
 pub mod templates;
 pub mod transport;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use contracts::UserRegistered;
 use herald::broker::BoxFuture;
@@ -30,14 +33,38 @@ pub const QUEUE: &str = "mailer";
 /// The sender of welcome emails unless configured otherwise.
 pub const DEFAULT_FROM: &str = "herald <welcome@herald.localhost>";
 
+/// How long a claim on an event protects a send in progress. Longer than
+/// any send may take, so that only a dead sender's claim expires.
+const CLAIM_TTL: Duration = Duration::from_secs(120);
+
+/// How soon a delivery that found its event being sent elsewhere looks
+/// again.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
-    description: "events already mailed",
+    description: "claims on events being or already mailed",
     sql: "CREATE TABLE mailer_deliveries (
         event_id     TEXT PRIMARY KEY,
-        delivered_at INTEGER NOT NULL
+        state        TEXT NOT NULL CHECK (state IN ('sending', 'sent')),
+        claimed_at   INTEGER NOT NULL,
+        delivered_at INTEGER
     ) WITHOUT ROWID",
 }];
+
+/// What a handler learns when it claims an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Ours to send.
+    Owned,
+    /// A claim had expired: a sender died mid-send, so the email may or
+    /// may not have gone out. Ours to send again.
+    TakenOver,
+    /// Sent already.
+    Sent,
+    /// Being sent by another handler right now.
+    Busy,
+}
 
 /// The mailer's subscription: `user.registered.v1` on the `mailer` queue.
 pub fn subscription(options: WorkerOptions) -> Subscription {
@@ -81,69 +108,135 @@ impl Mailer {
             .decode()
             .map_err(|e| HandlerError::permanent(e.to_string()))?;
         let name = file_name(envelope.id);
-
-        if self.already_mailed(envelope.id).await?
-            || self.transport.already_delivered(&name)
-        {
-            tracing::info!(
-                event_id = %envelope.id,
-                user_id = event.user_id,
-                "welcome email already sent; skipping"
-            );
-            return self.record(envelope.id).await;
-        }
-
         let time: SystemTime = envelope.time.into();
         let message = welcome_message(&self.from, &event, envelope.id, time)?;
-        self.transport
-            .send(&name, &message)
-            .await
-            .map_err(|e| match e {
-                SendError::Transient(reason) => HandlerError::transient(reason),
-                SendError::Permanent(reason) => HandlerError::permanent(reason),
-            })?;
+
+        // Make sure no other handler is sending, or has sent, this email.
+        match self.claim(envelope.id).await? {
+            Claim::Owned => {}
+            Claim::TakenOver => tracing::warn!(
+                event_id = %envelope.id,
+                user_id = event.user_id,
+                "an earlier send of this email was interrupted and may have \
+                 gone out; sending again with the same Message-ID"
+            ),
+            Claim::Sent => {
+                tracing::info!(
+                    event_id = %envelope.id,
+                    user_id = event.user_id,
+                    "welcome email already sent; skipping"
+                );
+                return Ok(());
+            }
+            Claim::Busy => {
+                return Err(HandlerError::Transient {
+                    reason: "the same event is being mailed by another \
+                             delivery"
+                        .into(),
+                    retry_after: Some(BUSY_RETRY),
+                });
+            }
+        }
+
+        // A Maildir can tell whether a crashed attempt already wrote it.
+        if !self.transport.already_delivered(&name) {
+            let sent = self.transport.send(&name, &message).await;
+            if let Err(error) = sent {
+                self.release(envelope.id).await;
+                return Err(match error {
+                    SendError::Transient(why) => HandlerError::transient(why),
+                    SendError::Permanent(why) => HandlerError::permanent(why),
+                });
+            }
+        }
         tracing::info!(
             event_id = %envelope.id,
             user_id = event.user_id,
             attempt = delivery.attempt,
             "welcome email sent"
         );
-        self.record(envelope.id).await
+        self.mark_sent(envelope.id).await;
+        Ok(())
     }
 
-    async fn already_mailed(
-        &self,
-        event_id: Uuid,
-    ) -> Result<bool, HandlerError> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM mailer_deliveries WHERE event_id = ?",
+    /// Claims `event_id` for sending, in one write transaction so that two
+    /// handlers cannot both own it.
+    async fn claim(&self, event_id: Uuid) -> Result<Claim, HandlerError> {
+        let failed = |e: sqlx::Error| {
+            HandlerError::transient(format!("mailer store: {e}"))
+        };
+        let id = event_id.to_string();
+        let now = herald::sqlite::now_millis();
+        let mut tx = self.db.begin().await.map_err(failed)?;
+        let found: Option<(String, i64)> = sqlx::query_as(
+            "SELECT state, claimed_at FROM mailer_deliveries
+             WHERE event_id = ?",
+        )
+        .bind(&id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(failed)?;
+
+        let expired =
+            |claimed_at: i64| now - claimed_at > CLAIM_TTL.as_millis() as i64;
+        let claim = match found {
+            None => Claim::Owned,
+            Some((state, _)) if state == "sent" => Claim::Sent,
+            Some((_, claimed_at)) if expired(claimed_at) => Claim::TakenOver,
+            Some(_) => Claim::Busy,
+        };
+        if matches!(claim, Claim::Owned | Claim::TakenOver) {
+            sqlx::query(
+                "INSERT INTO mailer_deliveries (event_id, state, claimed_at)
+                 VALUES (?1, 'sending', ?2)
+                 ON CONFLICT (event_id) DO UPDATE SET claimed_at = ?2",
+            )
+            .bind(&id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        }
+        tx.commit().await.map_err(failed)?;
+        Ok(claim)
+    }
+
+    /// Gives up a claim after a failed send, so a retry can take it.
+    async fn release(&self, event_id: Uuid) {
+        let released = sqlx::query(
+            "DELETE FROM mailer_deliveries
+             WHERE event_id = ? AND state = 'sending'",
         )
         .bind(event_id.to_string())
-        .fetch_optional(self.db.reader())
-        .await
-        .map_err(|e| HandlerError::transient(format!("mailer store: {e}")))?;
-        Ok(found.is_some())
+        .execute(self.db.writer())
+        .await;
+        if let Err(error) = released {
+            tracing::warn!(
+                %event_id, error = %error,
+                "could not release the claim; a retry waits for it to expire"
+            );
+        }
     }
 
     /// Notes that the event's email went out. The email is sent already,
     /// so a failure here is logged, not retried: retrying would send it
     /// again.
-    async fn record(&self, event_id: Uuid) -> Result<(), HandlerError> {
+    async fn mark_sent(&self, event_id: Uuid) {
         let recorded = sqlx::query(
-            "INSERT INTO mailer_deliveries (event_id, delivered_at)
-             VALUES (?, ?) ON CONFLICT DO NOTHING",
+            "UPDATE mailer_deliveries SET state = 'sent', delivered_at = ?
+             WHERE event_id = ?",
         )
-        .bind(event_id.to_string())
         .bind(herald::sqlite::now_millis())
+        .bind(event_id.to_string())
         .execute(self.db.writer())
         .await;
         if let Err(error) = recorded {
             tracing::warn!(
                 %event_id, error = %error,
-                "email sent but not recorded; a redelivery would send it again"
+                "email sent but not recorded; a redelivery after the claim \
+                 expires would send it again"
             );
         }
-        Ok(())
     }
 }
 

@@ -107,7 +107,9 @@ impl SmtpServer {
             .args(["-m", "aiosmtpd", "-n", "-l"])
             .arg(format!("127.0.0.1:{port}"))
             .args(["-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(maildir.path())
+            // A path that does not exist yet: Python's Maildir creates
+            // its tmp/, new/ and cur/ only when it creates the folder.
+            .arg(maildir.path().join("box"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -136,7 +138,7 @@ impl SmtpServer {
 
     /// Every message received so far, parsed.
     pub fn received(&self) -> anyhow::Result<Vec<ParsedEmail>> {
-        read_maildir(&self.maildir.path().join("new"))
+        read_maildir(&self.maildir.path().join("box/new"))
     }
 
     /// Waits until at least `count` messages arrived, and returns them all.
@@ -145,7 +147,7 @@ impl SmtpServer {
         count: usize,
         limit: Duration,
     ) -> anyhow::Result<Vec<ParsedEmail>> {
-        wait_for_mail(&self.maildir.path().join("new"), count, limit)
+        wait_for_mail(&self.maildir.path().join("box/new"), count, limit)
     }
 }
 

@@ -1,0 +1,292 @@
+//! The mailer end to end: events on a real embedded bus, emails in a real
+//! Maildir or through a real SMTP server (aiosmtpd on 127.0.0.1), read
+//! back by an independent MIME parser.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use contracts::{Locale, UserRegistered};
+use herald::broker::embedded::EmbeddedOptions;
+use herald::sqlite::Database;
+use herald::worker::{self, WorkerOptions};
+use herald::{Broker, EmbeddedBroker, Envelope};
+use mailer::Mailer;
+use mailer::maildir::Maildir;
+use mailer::transport::{SmtpRelay, Transport};
+use testkit::{ParsedEmail, SmtpServer};
+use tokio::sync::watch;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A bus with the mailer's worker running on it.
+struct Pipeline {
+    dir: tempfile::TempDir,
+    broker: EmbeddedBroker,
+    stop: watch::Sender<bool>,
+    worker: tokio::task::JoinHandle<Result<(), herald::BusError>>,
+}
+
+impl Pipeline {
+    async fn start(
+        transport: impl FnOnce(&std::path::Path) -> Transport,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&dir.path().join("herald.db")).await.unwrap();
+        let broker =
+            EmbeddedBroker::open(db.clone(), EmbeddedOptions::default())
+                .await
+                .unwrap();
+        let from = mailer::DEFAULT_FROM.parse().unwrap();
+        let mailer =
+            Mailer::open(db, from, transport(dir.path())).await.unwrap();
+
+        let subscription = mailer::subscription(WorkerOptions::default());
+        broker
+            .bind(&subscription.queue, &subscription.event_types)
+            .await
+            .unwrap();
+        let (stop, mut stopped) = watch::channel(false);
+        let worker = tokio::spawn(worker::run(
+            Arc::new(broker.clone()),
+            subscription,
+            Arc::new(mailer),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        Pipeline {
+            dir,
+            broker,
+            stop,
+            worker,
+        }
+    }
+
+    async fn with_maildir() -> Self {
+        Self::start(|dir| {
+            Transport::Maildir(Maildir::open(&dir.join("mail")).unwrap())
+        })
+        .await
+    }
+
+    fn mail_new(&self) -> std::path::PathBuf {
+        self.dir.path().join("mail/new")
+    }
+
+    async fn publish(&self, envelope: &Envelope) {
+        self.broker.publish(envelope).await.unwrap();
+    }
+
+    /// Stops the worker, which first finishes what it holds.
+    async fn drain(self) -> tempfile::TempDir {
+        for _ in 0..400 {
+            if self.broker.depth(mailer::QUEUE).await.unwrap() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.stop.send(true).unwrap();
+        self.worker.await.unwrap().unwrap();
+        assert!(
+            self.broker
+                .dead_letters(mailer::QUEUE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        self.dir
+    }
+}
+
+fn registered(user_name: &str, email: &str, locale: Locale) -> Envelope {
+    let event = UserRegistered {
+        user_id: "u-1".into(),
+        user_name: user_name.into(),
+        email: email.into(),
+        locale,
+    };
+    Envelope::new("/test", &event, None).unwrap()
+}
+
+async fn wait_for_mail(
+    dir: std::path::PathBuf,
+    count: usize,
+) -> Vec<ParsedEmail> {
+    tokio::task::spawn_blocking(move || {
+        testkit::wait_for_mail(&dir, count, WAIT)
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+fn assert_well_formed(mail: &ParsedEmail) {
+    assert!(mail.defects.is_empty(), "{:?}", mail.defects);
+    assert_eq!(mail.count_headers("To"), 1);
+    assert_eq!(mail.count_headers("Subject"), 1);
+    assert!(mail.html.is_some(), "an HTML part");
+}
+
+#[tokio::test]
+async fn an_english_welcome_lands_in_the_maildir() {
+    let pipeline = Pipeline::with_maildir().await;
+    let event = registered("Alice", "alice@example.com", Locale::English);
+    pipeline.publish(&event).await;
+
+    let mail = wait_for_mail(pipeline.mail_new(), 1).await.remove(0);
+    assert_well_formed(&mail);
+    assert_eq!(mail.header("To"), Some("Alice <alice@example.com>"));
+    assert_eq!(mail.header("Subject"), Some("Welcome to herald, Alice!"));
+    let message_id = format!("<{}@herald>", event.id);
+    assert_eq!(mail.header("Message-ID"), Some(message_id.as_str()));
+    assert!(mail.text.as_deref().unwrap().starts_with("Hello Alice,"));
+    assert!(mail.html.as_deref().unwrap().contains("Hello Alice,"));
+    pipeline.drain().await;
+}
+
+#[tokio::test]
+async fn a_chinese_welcome_is_encoded_and_decodes_back() {
+    let pipeline = Pipeline::with_maildir().await;
+    let event =
+        registered("张伟", "wei@example.com", Locale::SimplifiedChinese);
+    pipeline.publish(&event).await;
+
+    let mail = wait_for_mail(pipeline.mail_new(), 1).await.remove(0);
+    assert_well_formed(&mail);
+    assert_eq!(mail.header("To"), Some("张伟 <wei@example.com>"));
+    assert_eq!(mail.header("Subject"), Some("欢迎加入 herald，张伟！"));
+    assert!(mail.text.as_deref().unwrap().contains("张伟，您好！"));
+
+    // On the wire, headers are 7-bit: encoded words, never raw UTF-8.
+    let dir = pipeline.drain().await;
+    let file = std::fs::read_dir(dir.path().join("mail/new"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let raw = std::fs::read(file.path()).unwrap();
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert!(raw[..head_end].is_ascii());
+}
+
+#[tokio::test]
+async fn a_name_cannot_add_a_header() {
+    let pipeline = Pipeline::with_maildir().await;
+    let event = registered(
+        "Mallory\r\nBcc: victim@example.com",
+        "mallory@example.com",
+        Locale::English,
+    );
+    pipeline.publish(&event).await;
+
+    let mail = wait_for_mail(pipeline.mail_new(), 1).await.remove(0);
+    assert_well_formed(&mail);
+    assert_eq!(mail.count_headers("Bcc"), 0);
+    assert!(
+        mail.header("To")
+            .unwrap()
+            .ends_with("<mallory@example.com>")
+    );
+    pipeline.drain().await;
+}
+
+#[tokio::test]
+async fn an_event_delivered_twice_sends_one_email() {
+    let pipeline = Pipeline::with_maildir().await;
+    let event = registered("Alice", "alice@example.com", Locale::English);
+    pipeline.publish(&event).await;
+    wait_for_mail(pipeline.mail_new(), 1).await;
+    pipeline.publish(&event).await;
+
+    let dir = pipeline.drain().await;
+    assert_eq!(testkit::count_files(&dir.path().join("mail/new")), 1);
+}
+
+#[tokio::test]
+async fn an_event_with_an_unusable_address_is_dead_lettered() {
+    let pipeline = Pipeline::with_maildir().await;
+    pipeline
+        .publish(&registered("Eve", "not an address", Locale::English))
+        .await;
+    let mut dead = Vec::new();
+    for _ in 0..400 {
+        dead = pipeline.broker.dead_letters(mailer::QUEUE).await.unwrap();
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].reason.contains("address"), "{}", dead[0].reason);
+    assert_eq!(dead[0].attempts, 1);
+}
+
+#[tokio::test]
+async fn welcomes_go_through_a_real_smtp_server() {
+    let server = tokio::task::spawn_blocking(SmtpServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = server.url();
+    let pipeline = Pipeline::start(|_| {
+        Transport::Smtp(SmtpRelay::from_url(&url).unwrap())
+    })
+    .await;
+    let first =
+        registered("张伟", "wei@example.com", Locale::SimplifiedChinese);
+    let second = registered("Alice", "alice@example.com", Locale::English);
+    pipeline.publish(&first).await;
+    pipeline.publish(&second).await;
+    pipeline.publish(&first).await;
+
+    let server = Arc::new(server);
+    let waiting = server.clone();
+    let mut mails =
+        tokio::task::spawn_blocking(move || waiting.wait_for(2, WAIT))
+            .await
+            .unwrap()
+            .unwrap();
+    pipeline.drain().await;
+    // Whatever arrived late would show now: still two, one per event.
+    assert_eq!(server.received().unwrap().len(), 2);
+
+    mails.sort_by_key(|m| m.header("X-RcptTo").unwrap_or("").to_owned());
+    assert_eq!(mails[0].header("X-RcptTo"), Some("alice@example.com"));
+    assert_eq!(
+        mails[0].header("Subject"),
+        Some("Welcome to herald, Alice!")
+    );
+    assert_eq!(mails[1].header("X-RcptTo"), Some("wei@example.com"));
+    assert_eq!(mails[1].header("Subject"), Some("欢迎加入 herald，张伟！"));
+    assert!(mails[1].text.as_deref().unwrap().contains("张伟，您好！"));
+    let message_id = format!("<{}@herald>", first.id);
+    assert_eq!(mails[1].header("Message-ID"), Some(message_id.as_str()));
+}
+
+#[tokio::test]
+async fn mail_waits_while_the_smtp_server_is_down_and_goes_when_it_is_back() {
+    let port = testkit::free_port();
+    let url = format!("smtp://127.0.0.1:{port}");
+    let pipeline = Pipeline::start(|_| {
+        Transport::Smtp(SmtpRelay::from_url(&url).unwrap())
+    })
+    .await;
+    let event = registered("Alice", "alice@example.com", Locale::English);
+    pipeline.publish(&event).await;
+
+    // Refused connections are transient: the message waits for a retry.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server =
+        tokio::task::spawn_blocking(move || SmtpServer::start_on(port))
+            .await
+            .unwrap()
+            .unwrap();
+    let mails = tokio::task::spawn_blocking(move || {
+        server.wait_for(1, Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(mails.len(), 1);
+    pipeline.drain().await;
+}
