@@ -4,8 +4,9 @@
 //! happen once. Before sending, a handler claims the event in the
 //! `mailer_deliveries` table; a second delivery of the same event, in this
 //! process or another, finds the claim and either skips (the email went
-//! out) or waits its turn (the email is being sent). A claim left behind by
-//! a process that died mid-send expires, and the email is sent again with
+//! out) or waits its turn (the email is being sent). The sender renews its
+//! claim while it sends; the claim of a process that died mid-send runs
+//! out within seconds, and the email is sent again with
 //! the same Message-ID, derived from the event id like the Maildir file
 //! name, so that duplicates can still be recognised downstream.
 
@@ -33,13 +34,10 @@ pub const QUEUE: &str = "mailer";
 /// The sender of welcome emails unless configured otherwise.
 pub const DEFAULT_FROM: &str = "herald <welcome@herald.localhost>";
 
-/// How long a claim on an event protects a send in progress. Longer than
-/// any send may take, so that only a dead sender's claim expires.
-const CLAIM_TTL: Duration = Duration::from_secs(120);
-
-/// How soon a delivery that found its event being sent elsewhere looks
-/// again.
-const BUSY_RETRY: Duration = Duration::from_secs(1);
+/// How long a claim on an event protects a send in progress without being
+/// renewed. The sender renews it every third of this while it sends, so
+/// only the claim of a sender that died runs out.
+const CLAIM_TTL: Duration = Duration::from_secs(10);
 
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -62,8 +60,8 @@ enum Claim {
     TakenOver,
     /// Sent already.
     Sent,
-    /// Being sent by another handler right now.
-    Busy,
+    /// Being sent by another handler right now; look again after this.
+    Busy(Duration),
 }
 
 /// The mailer's subscription: `user.registered.v1` on the `mailer` queue.
@@ -128,19 +126,24 @@ impl Mailer {
                 );
                 return Ok(());
             }
-            Claim::Busy => {
+            Claim::Busy(wait) => {
                 return Err(HandlerError::Transient {
                     reason: "the same event is being mailed by another \
                              delivery"
                         .into(),
-                    retry_after: Some(BUSY_RETRY),
+                    retry_after: Some(wait),
                 });
             }
         }
 
         // A Maildir can tell whether a crashed attempt already wrote it.
         if !self.transport.already_delivered(&name) {
-            let sent = self.transport.send(&name, &message).await;
+            let sent = self
+                .renewing_claim(
+                    envelope.id,
+                    self.transport.send(&name, &message),
+                )
+                .await;
             if let Err(error) = sent {
                 self.release(envelope.id).await;
                 return Err(match error {
@@ -177,13 +180,15 @@ impl Mailer {
         .await
         .map_err(failed)?;
 
-        let expired =
-            |claimed_at: i64| now - claimed_at > CLAIM_TTL.as_millis() as i64;
+        let ttl = CLAIM_TTL.as_millis() as i64;
         let claim = match found {
             None => Claim::Owned,
             Some((state, _)) if state == "sent" => Claim::Sent,
-            Some((_, claimed_at)) if expired(claimed_at) => Claim::TakenOver,
-            Some(_) => Claim::Busy,
+            Some((_, claimed_at)) if now - claimed_at > ttl => Claim::TakenOver,
+            Some((_, claimed_at)) => {
+                let left = (claimed_at + ttl - now).max(0) as u64;
+                Claim::Busy(Duration::from_millis(left + 100))
+            }
         };
         if matches!(claim, Claim::Owned | Claim::TakenOver) {
             sqlx::query(
@@ -199,6 +204,38 @@ impl Mailer {
         }
         tx.commit().await.map_err(failed)?;
         Ok(claim)
+    }
+
+    /// Runs `send`, renewing the claim on `event_id` until it is done.
+    async fn renewing_claim<T>(
+        &self,
+        event_id: Uuid,
+        send: impl Future<Output = T>,
+    ) -> T {
+        let mut send = std::pin::pin!(send);
+        let mut ticks = tokio::time::interval(CLAIM_TTL / 3);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut send => return done,
+                _ = ticks.tick() => {
+                    let renewed = sqlx::query(
+                        "UPDATE mailer_deliveries SET claimed_at = ?
+                         WHERE event_id = ? AND state = 'sending'",
+                    )
+                    .bind(herald::sqlite::now_millis())
+                    .bind(event_id.to_string())
+                    .execute(self.db.writer())
+                    .await;
+                    if let Err(error) = renewed {
+                        tracing::warn!(
+                            %event_id, error = %error,
+                            "could not renew the claim on a send in progress"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Gives up a claim after a failed send, so a retry can take it.

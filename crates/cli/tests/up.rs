@@ -1,0 +1,314 @@
+//! `herald up` as a user runs it: the real binary, a real HTTP client, a
+//! real data directory, and for SMTP a real server on 127.0.0.1.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use testkit::{ParsedEmail, SmtpServer};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A running `herald up`, killed when dropped.
+struct Herald {
+    child: Child,
+    base: String,
+}
+
+impl Herald {
+    fn start(data_dir: &Path, extra: &[&str]) -> Herald {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("up")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("HERALD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("herald starts");
+
+        // The start-up lines say where the users service listens.
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("herald printed its addresses before exiting")
+                .unwrap();
+            if let Some(rest) = line.strip_prefix("users") {
+                let url = rest.split_whitespace().next().unwrap();
+                break url.to_owned();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Herald { child, base }
+    }
+
+    async fn register(&self, body: Value) -> (u16, Value) {
+        let response = client()
+            .post(format!("{}/user/register", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("the users service answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        wait_with_timeout(&mut self.child, WAIT)
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_with_timeout(
+    child: &mut Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "herald did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn user(i: usize) -> Value {
+    json!({
+        "user_id": format!("user{i}@example.com"),
+        "user_name": format!("User {i}"),
+        "user_password": "correct horse battery",
+    })
+}
+
+async fn mail_in(dir: PathBuf, count: usize) -> Vec<ParsedEmail> {
+    tokio::task::spawn_blocking(move || {
+        testkit::wait_for_mail(&dir, count, WAIT)
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_registration_becomes_a_welcome_email_in_the_maildir() {
+    let data = tempfile::tempdir().unwrap();
+    let herald = Herald::start(data.path(), &[]);
+    let (status, body) = herald
+        .register(json!({
+            "user_id": "alice@example.com",
+            "user_name": "Alice",
+            "user_password": "correct horse battery",
+        }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let mail = mail_in(data.path().join("mail/new"), 1).await.remove(0);
+    assert_eq!(mail.header("To"), Some("Alice <alice@example.com>"));
+    assert_eq!(mail.header("Subject"), Some("Welcome to herald, Alice!"));
+    assert!(mail.text.unwrap().contains("Hello Alice,"));
+}
+
+#[tokio::test]
+async fn a_chinese_user_is_welcomed_in_chinese() {
+    let data = tempfile::tempdir().unwrap();
+    let herald = Herald::start(data.path(), &[]);
+    let (status, body) = herald
+        .register(json!({
+            "user_id": "zhangwei",
+            "user_name": "张伟",
+            "user_password": "正确的马电池订书钉",
+            "email": "wei@example.com",
+            "locale": "zh-CN",
+        }))
+        .await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (201, Some("用户注册成功"))
+    );
+
+    let mail = mail_in(data.path().join("mail/new"), 1).await.remove(0);
+    assert_eq!(mail.header("To"), Some("张伟 <wei@example.com>"));
+    assert_eq!(mail.header("Subject"), Some("欢迎加入 herald，张伟！"));
+    assert!(mail.text.unwrap().contains("张伟，您好！"));
+}
+
+#[tokio::test]
+async fn twenty_concurrent_registrations_of_one_user_id_give_one_user_and_one_email()
+ {
+    let data = tempfile::tempdir().unwrap();
+    let herald = Herald::start(data.path(), &[]);
+    let mut attempts = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let url = format!("{}/user/register", herald.base);
+        let body = json!({
+            "user_id": "racer", "user_name": "Racer",
+            "user_password": "correct horse battery",
+            "email": format!("racer{i}@example.com"),
+        });
+        attempts.spawn(async move {
+            client()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+    }
+    let statuses = attempts.join_all().await;
+    let count = |code| statuses.iter().filter(|s| **s == code).count();
+    assert_eq!((count(201), count(409)), (1, 19), "{statuses:?}");
+
+    let new = data.path().join("mail/new");
+    mail_in(new.clone(), 1).await;
+    // Give a wrongly published second event time to show up.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(testkit::count_files(&new), 1);
+}
+
+#[tokio::test]
+async fn registrations_accepted_before_a_sigkill_are_mailed_once_after_a_restart()
+ {
+    let data = tempfile::tempdir().unwrap();
+    // An SMTP port that accepts connections and never answers: the mailer
+    // holds each delivery, mid-send, when the process is killed.
+    let black_hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = black_hole.local_addr().unwrap().port();
+    let smtp = format!("smtp://127.0.0.1:{port}");
+    let args = ["--smtp", smtp.as_str(), "--lease-secs", "2"];
+
+    let herald = Herald::start(data.path(), &args);
+    const N: usize = 10;
+    for i in 0..N {
+        let (status, body) = herald.register(user(i)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    herald.kill();
+    drop(black_hole);
+
+    // A real server on the same port, and herald started again: every
+    // registration is mailed, once.
+    let server =
+        tokio::task::spawn_blocking(move || SmtpServer::start_on(port))
+            .await
+            .unwrap()
+            .unwrap();
+    let herald = Herald::start(data.path(), &args);
+    let server = std::sync::Arc::new(server);
+    let waiting = server.clone();
+    tokio::task::spawn_blocking(move || waiting.wait_for(N, WAIT))
+        .await
+        .unwrap()
+        .unwrap();
+    // Longer than a lease, so a duplicate would have had time to arrive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    herald.terminate();
+
+    let mails = server.received().unwrap();
+    let mut recipients: Vec<&str> = mails
+        .iter()
+        .map(|m| m.header("X-RcptTo").unwrap())
+        .collect();
+    recipients.sort();
+    let mut expected: Vec<String> =
+        (0..N).map(|i| format!("user{i}@example.com")).collect();
+    expected.sort();
+    assert_eq!(recipients, expected);
+}
+
+#[tokio::test]
+async fn welcome_emails_go_over_smtp_when_asked() {
+    let server = tokio::task::spawn_blocking(SmtpServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let herald = Herald::start(data.path(), &["--smtp", &server.url()]);
+    let (status, _) = herald.register(user(1)).await;
+    assert_eq!(status, 201);
+
+    let mail = tokio::task::spawn_blocking(move || server.wait_for(1, WAIT))
+        .await
+        .unwrap()
+        .unwrap()
+        .remove(0);
+    assert_eq!(mail.header("X-RcptTo"), Some("user1@example.com"));
+    assert_eq!(mail.header("Subject"), Some("Welcome to herald, User 1!"));
+    assert_eq!(testkit::count_files(&data.path().join("mail/new")), 0);
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_work_in_flight_and_exits_zero() {
+    let data = tempfile::tempdir().unwrap();
+    let herald = Herald::start(data.path(), &[]);
+    for i in 0..5 {
+        assert_eq!(herald.register(user(i)).await.0, 201);
+    }
+    let status = herald.terminate();
+    assert!(status.success(), "{status:?}");
+    // Everything accepted before the signal was mailed before the exit.
+    assert_eq!(testkit::count_files(&data.path().join("mail/new")), 5);
+}
+
+#[test]
+fn every_flag_of_up_is_documented_with_its_environment_variable() {
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["up", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    for (flag, variable) in [
+        ("--listen", "HERALD_LISTEN"),
+        ("--data-dir", "HERALD_DATA_DIR"),
+        ("--mail-dir", "HERALD_MAIL_DIR"),
+        ("--smtp", "HERALD_SMTP"),
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+        assert!(help.contains(variable), "{variable} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn a_bad_flag_value_is_a_clear_error_and_a_failing_exit() {
+    let data = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--smtp", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("smtp or smtps"), "{stderr}");
+}
