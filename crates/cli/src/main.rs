@@ -3,6 +3,7 @@
 //! `main` parses the command line, sets up logging and turns the outcome
 //! of [`run`] into an exit code; each subcommand lives in its own module.
 
+mod bench;
 mod up;
 
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ enum Command {
     /// Run the whole system in this process: the users service, the
     /// embedded bus and the mailer, with everything kept in DATA_DIR.
     Up(up::UpArgs),
+    /// Measure the system: throughput and latency against its ceilings.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(args).await,
+        Command::Bench(command) => bench::run(command).await,
     }
 }
 

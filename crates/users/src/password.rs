@@ -63,17 +63,27 @@ impl Hasher {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let params = self.params.clone();
-        tokio::task::spawn_blocking(move || {
-            let argon =
-                Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-            argon
-                .hash_password(password.expose().as_bytes())
-                .map(|hash| PasswordHash(hash.to_string()))
-                .map_err(|e| HashError(e.to_string()))
-        })
-        .await
-        .map_err(|e| HashError(e.to_string()))?
+        let hasher = self.clone();
+        tokio::task::spawn_blocking(move || hasher.hash_blocking(&password))
+            .await
+            .map_err(|e| HashError(e.to_string()))?
+    }
+
+    /// Hashes on the calling thread, outside the parallelism bound: for
+    /// blocking contexts and for measuring the hashing ceiling.
+    pub fn hash_blocking(
+        &self,
+        password: &Password,
+    ) -> Result<PasswordHash, HashError> {
+        let argon = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            self.params.clone(),
+        );
+        argon
+            .hash_password(password.expose().as_bytes())
+            .map(|hash| PasswordHash(hash.to_string()))
+            .map_err(|e| HashError(e.to_string()))
     }
 }
 
