@@ -209,7 +209,7 @@ async fn a_dead_letter_keeps_the_message_the_reason_and_the_attempts() {
 struct Scripted {
     calls: AtomicU32,
     seen: mpsc::UnboundedSender<(u32, u32)>,
-    behaviour: fn(u32) -> Behaviour,
+    behaviour: Box<dyn Fn(u32) -> Behaviour + Send + Sync>,
 }
 
 #[derive(Clone, Copy)]
@@ -254,16 +254,21 @@ struct RunningWorker {
     seen: mpsc::UnboundedReceiver<(u32, u32)>,
 }
 
+/// Behaves as `first` on the first call, then succeeds.
+fn first_call(first: Behaviour) -> impl Fn(u32) -> Behaviour {
+    move |call| if call == 1 { first } else { Behaviour::Succeed }
+}
+
 fn start_worker(
     broker: &EmbeddedBroker,
-    behaviour: fn(u32) -> Behaviour,
+    behaviour: impl Fn(u32) -> Behaviour + Send + Sync + 'static,
     options: WorkerOptions,
 ) -> RunningWorker {
     let (tx, seen) = mpsc::unbounded_channel();
     let handler = Arc::new(Scripted {
         calls: AtomicU32::new(0),
         seen: tx,
-        behaviour,
+        behaviour: Box::new(behaviour),
     });
     let (stop, mut stopped) = watch::channel(false);
     let subscription = Subscription {
@@ -396,13 +401,7 @@ async fn a_panicking_handler_fails_its_message_but_not_the_worker() {
     let fx = fixture(no_polling()).await;
     let mut worker = start_worker(
         &fx.broker,
-        |call| {
-            if call == 1 {
-                Behaviour::Panic
-            } else {
-                Behaviour::Succeed
-            }
-        },
+        first_call(Behaviour::Panic),
         quick_retries(3),
     );
     fx.broker.publish(&ping(1)).await.unwrap();
@@ -416,17 +415,8 @@ async fn a_panicking_handler_fails_its_message_but_not_the_worker() {
 #[tokio::test]
 async fn a_handler_that_runs_out_of_time_is_retried() {
     let fx = fixture(no_polling()).await;
-    let mut worker = start_worker(
-        &fx.broker,
-        |call| {
-            if call == 1 {
-                Behaviour::Hang
-            } else {
-                Behaviour::Succeed
-            }
-        },
-        quick_retries(3),
-    );
+    let mut worker =
+        start_worker(&fx.broker, first_call(Behaviour::Hang), quick_retries(3));
     fx.broker.publish(&ping(1)).await.unwrap();
     assert_eq!(worker.seen.recv().await.unwrap(), (1, 1));
     assert_eq!(worker.seen.recv().await.unwrap(), (1, 2));

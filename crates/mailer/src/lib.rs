@@ -227,12 +227,11 @@ impl Mailer {
                     .bind(event_id.to_string())
                     .execute(self.db.writer())
                     .await;
-                    if let Err(error) = renewed {
-                        tracing::warn!(
-                            %event_id, error = %error,
-                            "could not renew the claim on a send in progress"
-                        );
-                    }
+                    warn_on_error(
+                        renewed,
+                        event_id,
+                        "could not renew the claim on a send in progress",
+                    );
                 }
             }
         }
@@ -247,12 +246,11 @@ impl Mailer {
         .bind(event_id.to_string())
         .execute(self.db.writer())
         .await;
-        if let Err(error) = released {
-            tracing::warn!(
-                %event_id, error = %error,
-                "could not release the claim; a retry waits for it to expire"
-            );
-        }
+        warn_on_error(
+            released,
+            event_id,
+            "could not release the claim; a retry waits for it to expire",
+        );
     }
 
     /// Notes that the event's email went out. The email is sent already,
@@ -267,13 +265,23 @@ impl Mailer {
         .bind(event_id.to_string())
         .execute(self.db.writer())
         .await;
-        if let Err(error) = recorded {
-            tracing::warn!(
-                %event_id, error = %error,
-                "email sent but not recorded; a redelivery after the claim \
-                 expires would send it again"
-            );
-        }
+        warn_on_error(
+            recorded,
+            event_id,
+            "email sent but not recorded; a redelivery after the claim \
+             expires would send it again",
+        );
+    }
+}
+
+/// Logs a failed bookkeeping write that the handler can live with.
+fn warn_on_error<T>(
+    result: Result<T, sqlx::Error>,
+    event_id: Uuid,
+    what: &str,
+) {
+    if let Err(error) = result {
+        tracing::warn!(%event_id, error = %error, "{what}");
     }
 }
 
