@@ -16,18 +16,25 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Herald {
     child: Child,
     base: String,
+    log: tempfile::NamedTempFile,
 }
 
 impl Herald {
     fn start(data_dir: &Path, extra: &[&str]) -> Herald {
+        Self::start_logging(data_dir, extra, "warn")
+    }
+
+    /// Starts herald with its log filter at `level`, its stderr kept.
+    fn start_logging(data_dir: &Path, extra: &[&str], level: &str) -> Herald {
+        let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("up")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
-            .env("HERALD_LOG", "warn")
+            .env("HERALD_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .expect("herald starts");
 
@@ -45,7 +52,12 @@ impl Herald {
             }
         };
         std::thread::spawn(move || lines.for_each(drop));
-        Herald { child, base }
+        Herald { child, base, log }
+    }
+
+    /// Everything herald logged so far.
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
     }
 
     async fn register(&self, body: Value) -> (u16, Value) {
@@ -64,7 +76,7 @@ impl Herald {
         self.child.wait().unwrap();
     }
 
-    fn terminate(mut self) -> std::process::ExitStatus {
+    fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(sent.success());
@@ -223,7 +235,7 @@ async fn registrations_accepted_before_a_sigkill_are_mailed_once_after_a_restart
             .await
             .unwrap()
             .unwrap();
-    let herald = Herald::start(data.path(), &args);
+    let mut herald = Herald::start(data.path(), &args);
     let server = std::sync::Arc::new(server);
     let waiting = server.clone();
     tokio::task::spawn_blocking(move || waiting.wait_for(N, WAIT))
@@ -270,7 +282,7 @@ async fn welcome_emails_go_over_smtp_when_asked() {
 #[tokio::test]
 async fn sigterm_finishes_the_work_in_flight_and_exits_zero() {
     let data = tempfile::tempdir().unwrap();
-    let herald = Herald::start(data.path(), &[]);
+    let mut herald = Herald::start(data.path(), &[]);
     for i in 0..5 {
         assert_eq!(herald.register(user(i)).await.0, 201);
     }
@@ -278,6 +290,45 @@ async fn sigterm_finishes_the_work_in_flight_and_exits_zero() {
     assert!(status.success(), "{status:?}");
     // Everything accepted before the signal was mailed before the exit.
     assert_eq!(testkit::count_files(&data.path().join("mail/new")), 5);
+}
+
+#[tokio::test]
+async fn logs_of_a_registration_hold_no_password_hash_or_address() {
+    let data = tempfile::tempdir().unwrap();
+    let mut herald = Herald::start_logging(data.path(), &[], "debug");
+    let (status, _) = herald
+        .register(json!({
+            "user_id": "carol@example.com",
+            "user_name": "Carol",
+            "user_password": "correct horse battery",
+        }))
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = herald
+        .register(json!({
+            "user_id": "carol@example.com",
+            "user_name": "Carol",
+            "user_password": "another secret value",
+        }))
+        .await;
+    assert_eq!(status, 409);
+    mail_in(data.path().join("mail/new"), 1).await;
+    assert!(herald.terminate().success());
+
+    let logs = herald.logs();
+    assert!(
+        logs.contains("user registered"),
+        "the capture has the run:\n{logs}"
+    );
+    for secret in [
+        "correct horse",
+        "another secret",
+        "$argon2",
+        "carol@",
+        "example.com",
+    ] {
+        assert!(!logs.contains(secret), "{secret:?} leaked into:\n{logs}");
+    }
 }
 
 #[test]

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::broker::{BoxFuture, Broker, BusError, Delivery};
 
@@ -179,12 +180,27 @@ pub async fn run(
                     .try_acquire_owned()
                     .expect("received no more than the free slots"),
             };
+            // Every log line of the handling carries the delivery's ids.
+            let span = tracing::info_span!(
+                "delivery",
+                queue,
+                event_id = %delivery.envelope.id,
+                attempt = delivery.attempt,
+                trace_id = delivery
+                    .envelope
+                    .traceparent
+                    .map(|t| t.trace_id())
+                    .unwrap_or_default(),
+            );
             let broker = broker.clone();
             let handler = handler.clone();
-            in_flight.spawn(async move {
-                settle(&*broker, &*handler, delivery, &options).await;
-                drop(permit);
-            });
+            in_flight.spawn(
+                async move {
+                    settle(&*broker, &*handler, delivery, &options).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
         }
         // Reap finished handlers so the set does not grow without bound.
         while in_flight.try_join_next().is_some() {}
@@ -225,18 +241,18 @@ async fn settle(
     options: &WorkerOptions,
 ) {
     let outcome = run_handler(handler, &delivery, options).await;
-    let event_id = delivery.envelope.id;
     let event_type = delivery.envelope.event_type.as_str();
     let attempt = delivery.attempt;
 
     let settled = match outcome {
         Ok(()) => {
-            tracing::debug!(%event_id, event_type, attempt, "handled");
+            tracing::debug!(event_type, "handled");
             broker.ack(&delivery).await
         }
         Err(HandlerError::Permanent { reason }) => {
             tracing::warn!(
-                %event_id, event_type, attempt, reason,
+                event_type,
+                reason,
                 "permanent failure; dead-lettered"
             );
             broker.dead_letter(&delivery, &reason).await
@@ -245,7 +261,8 @@ async fn settle(
             if attempt >= options.retry.max_attempts =>
         {
             tracing::warn!(
-                %event_id, event_type, attempt, reason,
+                event_type,
+                reason,
                 "failed on the last attempt; dead-lettered"
             );
             let reason = format!("gave up after {attempt} attempts: {reason}");
@@ -258,7 +275,8 @@ async fn settle(
             let delay =
                 retry_after.unwrap_or_else(|| options.retry.backoff(attempt));
             tracing::info!(
-                %event_id, event_type, attempt, reason,
+                event_type,
+                reason,
                 retry_in_ms = delay.as_millis() as u64,
                 "transient failure; will retry"
             );
@@ -268,7 +286,8 @@ async fn settle(
 
     if let Err(error) = settled {
         tracing::warn!(
-            %event_id, event_type, error = %error,
+            event_type,
+            error = %error,
             "could not settle; the broker will deliver it again"
         );
     }

@@ -113,17 +113,11 @@ impl Mailer {
         match self.claim(envelope.id).await? {
             Claim::Owned => {}
             Claim::TakenOver => tracing::warn!(
-                event_id = %envelope.id,
-                user_id = event.user_id,
                 "an earlier send of this email was interrupted and may have \
                  gone out; sending again with the same Message-ID"
             ),
             Claim::Sent => {
-                tracing::info!(
-                    event_id = %envelope.id,
-                    user_id = event.user_id,
-                    "welcome email already sent; skipping"
-                );
+                tracing::info!("welcome email already sent; skipping");
                 return Ok(());
             }
             Claim::Busy(wait) => {
@@ -152,12 +146,7 @@ impl Mailer {
                 });
             }
         }
-        tracing::info!(
-            event_id = %envelope.id,
-            user_id = event.user_id,
-            attempt = delivery.attempt,
-            "welcome email sent"
-        );
+        tracing::info!("welcome email sent");
         self.mark_sent(envelope.id).await;
         Ok(())
     }

@@ -84,8 +84,8 @@ async fn register(
         .map_or_else(TraceContext::new_root, |parent| parent.child());
     let event_id = users.store.register(&user, trace).await?;
 
+    // A user id may be an email address, so logs name the event instead.
     tracing::info!(
-        user_id = user.user_id.as_str(),
         %event_id,
         trace_id = %trace.trace_id(),
         "user registered"
