@@ -22,10 +22,38 @@ use serde_json::{Value, json};
 use users::domain::Password;
 use users::password::Hasher;
 
+#[path = "bench_bus.rs"]
+mod bus;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Registrations over HTTP, and the emails they cause.
     Register(RegisterArgs),
+    /// Events through the embedded bus: published, received, acknowledged.
+    Bus(BusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BusArgs {
+    /// Events to publish and consume.
+    #[arg(long, default_value_t = 20_000)]
+    events: u64,
+
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+
+    /// Concurrent publishers.
+    #[arg(long, default_value_t = 4)]
+    publishers: u64,
+
+    /// Handlers run at once by the consuming worker.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +93,7 @@ pub struct RegisterArgs {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Register(args) => register(args).await,
+        BenchCommand::Bus(args) => bus::run(args).await,
     }
 }
 

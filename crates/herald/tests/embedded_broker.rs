@@ -100,6 +100,31 @@ async fn an_event_no_queue_is_bound_to_is_refused() {
     assert!(matches!(error, BusError::Unroutable { .. }), "{error}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_each_get_their_own_outcome() {
+    let fx = fixture(no_polling()).await;
+    let mut publishes = tokio::task::JoinSet::new();
+    for n in 0..100 {
+        let broker = fx.broker.clone();
+        let mut envelope = ping(n);
+        if n == 42 {
+            envelope.event_type = "test.nobody.v1".into();
+        }
+        publishes.spawn(async move { (n, broker.publish(&envelope).await) });
+    }
+    let outcomes = publishes.join_all().await;
+
+    for (n, outcome) in &outcomes {
+        match (n, outcome) {
+            (42, Err(BusError::Unroutable { .. })) => {}
+            (42, other) => panic!("the unroutable publish gave {other:?}"),
+            (_, Ok(())) => {}
+            (n, Err(error)) => panic!("publish {n} failed: {error}"),
+        }
+    }
+    assert_eq!(fx.broker.depth(QUEUE).await.unwrap(), 99);
+}
+
 #[tokio::test]
 async fn an_event_staged_in_a_rolled_back_transaction_never_exists() {
     let fx = fixture(no_polling()).await;

@@ -32,6 +32,7 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::group_commit::{GroupCommit, Op};
 use super::{BoxFuture, Broker, BusError, DeadLetter, Delivery, DeliveryTag};
 use crate::envelope::Envelope;
 use crate::sqlite::{Database, Migration, now_millis};
@@ -79,6 +80,8 @@ struct Inner {
     /// Lease ids of received batches still in flight, with how many of the
     /// batch's messages are unsettled. The renewal task keeps these alive.
     leases: Mutex<HashMap<i64, usize>>,
+    /// Publishes and acknowledgements, committed in groups.
+    writes: GroupCommit,
 }
 
 impl EmbeddedBroker {
@@ -88,11 +91,17 @@ impl EmbeddedBroker {
         options: EmbeddedOptions,
     ) -> Result<Self, BusError> {
         db.migrate("bus", MIGRATIONS).await?;
+        let published = watch::Sender::new(0u64);
+        let wake = published.clone();
+        let writes = GroupCommit::start(db.clone(), move || {
+            wake.send_modify(|n| *n = n.wrapping_add(1));
+        });
         let inner = Arc::new(Inner {
             db,
             options,
-            published: watch::Sender::new(0),
+            published,
             leases: Mutex::new(HashMap::new()),
+            writes,
         });
         tokio::spawn(renew_leases(Arc::downgrade(&inner)));
         Ok(EmbeddedBroker { inner })
@@ -262,7 +271,7 @@ impl EmbeddedBroker {
 
     fn lost(delivery: &Delivery) -> BusError {
         BusError::LeaseLost {
-            event_id: delivery.envelope.id,
+            seq: delivery.tag.seq,
         }
     }
 
@@ -327,13 +336,7 @@ impl Broker for EmbeddedBroker {
         &'a self,
         envelope: &'a Envelope,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(async move {
-            let mut tx = self.inner.db.begin().await?;
-            Self::stage(&mut tx, envelope).await?;
-            tx.commit().await?;
-            self.wake();
-            Ok(())
-        })
+        Box::pin(self.inner.writes.run(Op::Publish(envelope.clone())))
     }
 
     fn receive<'a>(
@@ -349,19 +352,9 @@ impl Broker for EmbeddedBroker {
         delivery: &'a Delivery,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
-            let deleted = sqlx::query(
-                "DELETE FROM bus_messages WHERE seq = ? AND lease = ?",
-            )
-            .bind(delivery.tag.seq)
-            .bind(delivery.tag.lease)
-            .execute(self.inner.db.writer())
-            .await?
-            .rows_affected();
+            let acked = self.inner.writes.run(Op::Ack(delivery.tag)).await;
             self.settled(delivery);
-            if deleted == 0 {
-                return Err(Self::lost(delivery));
-            }
-            Ok(())
+            acked
         })
     }
 

@@ -12,13 +12,13 @@
 //! comes back; a delivery's attempt count survives crashes.
 
 pub mod embedded;
+mod group_commit;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use crate::envelope::Envelope;
 
@@ -119,10 +119,14 @@ pub trait Broker: Send + Sync + 'static {
 pub enum BusError {
     #[error("no queue is bound to event type {event_type}")]
     Unroutable { event_type: String },
-    #[error("delivery {event_id} is no longer held by this consumer")]
-    LeaseLost { event_id: Uuid },
+    #[error("message {seq} is no longer held by this consumer")]
+    LeaseLost { seq: i64 },
     #[error("the embedded bus database failed")]
     Database(#[from] sqlx::Error),
+    #[error("the embedded bus database failed")]
+    Shared(#[source] std::sync::Arc<sqlx::Error>),
+    #[error("the bus is shut down")]
+    Closed,
     #[error("a stored message is corrupt: {0}")]
     Corrupt(String),
 }
