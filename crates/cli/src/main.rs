@@ -6,6 +6,7 @@
 mod bench;
 mod up;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::str::FromStr;
 
@@ -78,6 +79,7 @@ fn init_logging(filter: &str) -> Result<(), String> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_filter(targets),
         )
         .init();

@@ -1,7 +1,7 @@
 //! `herald up`: the users service, the embedded bus and the mailer in one
 //! process, on one SQLite file in the data directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,32 +44,42 @@ pub struct UpArgs {
     /// Seconds a delivery stays leased to a consumer without renewal; how
     /// long work held by a killed process waits before it is redelivered.
     #[arg(long, env = "HERALD_LEASE_SECS", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_secs: u64,
 
     /// Seconds to let work in flight finish after SIGINT or SIGTERM.
-    #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3_600))]
     shutdown_grace_secs: u64,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    // Settle the configuration before touching anything.
+    // Settle the configuration and take the port before touching the
+    // disk, so that a mistake leaves nothing behind.
     let from = args.mail_from.parse().with_context(|| {
-        format!("--mail-from {:?} is not a mailbox", args.mail_from)
-    })?;
-    std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
-            "cannot create the data directory {}",
-            args.data_dir.display()
+            "--mail-from {:?} is not a mailbox; give `address` or \
+             `Name <address>`",
+            args.mail_from
         )
     })?;
-    let transport = match &args.smtp {
-        Some(url) => Transport::Smtp(
-            SmtpRelay::from_url(url).map_err(anyhow::Error::msg)?,
-        ),
+    let smtp = match args.smtp.as_deref().map(str::trim) {
+        Some("") | None => None,
+        Some(url) => {
+            Some(SmtpRelay::from_url(url).map_err(anyhow::Error::msg)?)
+        }
+    };
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+
+    create_dir(&args.data_dir, "data directory")?;
+    let transport = match smtp {
+        Some(relay) => Transport::Smtp(relay),
         None => {
             let dir =
                 args.mail_dir.clone().unwrap_or(args.data_dir.join("mail"));
+            create_dir(&dir, "Maildir")?;
             Transport::Maildir(Maildir::open(&dir).with_context(|| {
                 format!("cannot create the Maildir {}", dir.display())
             })?)
@@ -106,9 +116,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .context("cannot bind the mailer's queue")?;
 
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     println!("herald up: data in {}", db_path.display());
     println!(
@@ -142,11 +149,62 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "shutting down: finishing requests and deliveries in flight"
     );
     let _ = stop.send(true);
-    server.await?.context("the users service failed")?;
-    worker.await?.context("the mailer failed")?;
+
+    // Both stop within the grace period; what is still open after it is
+    // cut off (a client that never finishes its request cannot hold the
+    // process), and undelivered events wait in the database.
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let (served, worked) = tokio::join!(
+        finish_within(grace, server, "users service"),
+        // The mailer hands back what it holds at its own deadline; a
+        // moment more lets it say so before it is cut off.
+        finish_within(grace + Duration::from_secs(2), worker, "mailer"),
+    );
+    if let Some(served) = served {
+        served.context("the users service failed")?;
+    }
+    if let Some(worked) = worked {
+        worked.context("the mailer failed")?;
+    }
     db.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits for `task` until `grace` has passed, then aborts it. `None` when
+/// it had to be aborted.
+async fn finish_within<T>(
+    grace: Duration,
+    mut task: tokio::task::JoinHandle<T>,
+    what: &str,
+) -> Option<T> {
+    match tokio::time::timeout(grace, &mut task).await {
+        Ok(Ok(outcome)) => Some(outcome),
+        Ok(Err(panicked)) => {
+            tracing::error!(error = %panicked, "the {what} task failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the {what} did not stop within {grace:?}; cutting it off"
+            );
+            task.abort();
+            None
+        }
+    }
+}
+
+/// Creates `dir` if needed, and says plainly when the path is taken by
+/// something that is not a directory.
+fn create_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "the {what} {} exists and is not a directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the {what} {}", dir.display()))
 }
 
 /// Completes on SIGINT or SIGTERM.

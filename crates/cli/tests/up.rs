@@ -293,6 +293,28 @@ async fn sigterm_finishes_the_work_in_flight_and_exits_zero() {
 }
 
 #[tokio::test]
+async fn a_client_that_never_finishes_its_request_cannot_hold_up_shutdown() {
+    use tokio::io::AsyncWriteExt;
+
+    let data = tempfile::tempdir().unwrap();
+    let mut herald =
+        Herald::start(data.path(), &["--shutdown-grace-secs", "1"]);
+    let address = herald.base.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
+    stalled
+        .write_all(b"POST /user/register HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = std::time::Instant::now();
+    let status = herald.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    drop(stalled);
+}
+
+#[tokio::test]
 async fn logs_of_a_registration_hold_no_password_hash_or_address() {
     let data = tempfile::tempdir().unwrap();
     let mut herald = Herald::start_logging(data.path(), &[], "debug");

@@ -214,6 +214,7 @@ pub async fn run(
 /// rest: their deliveries stay leased and unacknowledged, so the broker
 /// offers them again.
 async fn drain(mut in_flight: JoinSet<()>, grace: Duration, queue: &str) {
+    while in_flight.try_join_next().is_some() {}
     if in_flight.is_empty() {
         return;
     }

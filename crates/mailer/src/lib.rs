@@ -22,6 +22,7 @@ use herald::sqlite::{Database, Migration};
 use herald::worker::{Subscription, WorkerOptions};
 use herald::{Delivery, Event, Handler, HandlerError};
 use lettre::Message;
+use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use uuid::Uuid;
 
@@ -283,6 +284,40 @@ impl Handler for Mailer {
     }
 }
 
+/// The Subject header. Text that merely looks like an RFC 2047 encoded
+/// word (`=?utf-8?b?...?=`, typed into a name) would be decoded by mail
+/// readers into whatever it hides, so such a subject is encoded whole and
+/// reads back exactly as written.
+fn subject_header(subject: String) -> HeaderValue {
+    let name = HeaderName::new_from_ascii_str("Subject");
+    if !subject.contains("=?") {
+        return HeaderValue::new(name, subject);
+    }
+    let encoded = encoded_words(&subject);
+    HeaderValue::dangerous_new_pre_encoded(name, subject, encoded)
+}
+
+/// `text` as RFC 2047 base64 encoded words, folded one word per line.
+/// Words break at character boundaries and stay within 75 characters.
+fn encoded_words(text: &str) -> String {
+    use base64::Engine;
+    const MAX_BYTES: usize = 45;
+
+    let mut words = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + MAX_BYTES).min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let chunk = &text.as_bytes()[start..end];
+        let base64 = base64::engine::general_purpose::STANDARD.encode(chunk);
+        words.push(format!("=?utf-8?b?{base64}?="));
+        start = end;
+    }
+    words.join("\r\n ")
+}
+
 /// The Maildir file name for an event's email.
 pub fn file_name(event_id: Uuid) -> String {
     format!("{event_id}.herald")
@@ -318,7 +353,7 @@ pub fn welcome_message(
         .date(date)
         .from(from.clone())
         .to(Mailbox::new(Some(name), address))
-        .subject(welcome.subject)
+        .raw_header(subject_header(welcome.subject))
         .multipart(MultiPart::alternative_plain_html(
             welcome.text,
             welcome.html,

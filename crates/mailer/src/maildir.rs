@@ -4,7 +4,8 @@
 //! A message is written to `tmp/`, flushed to disk, then renamed into
 //! `new/`; the rename is atomic, so a file in `new/` is always whole. File
 //! names are given by the caller, so delivering the same message twice
-//! replaces one file instead of adding a second.
+//! replaces one file instead of adding a second. Lines end in LF, as mail
+//! readers expect of local Maildir files; CRLF is for the wire.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,13 +44,25 @@ impl Maildir {
         let delivered = self.root.join("new").join(name);
 
         let mut file = std::fs::File::create(&staged)?;
-        file.write_all(message)?;
+        file.write_all(&crlf_to_lf(message))?;
         file.sync_all()?;
         drop(file);
 
         std::fs::rename(&staged, &delivered)?;
         std::fs::File::open(self.root.join("new"))?.sync_all()
     }
+}
+
+fn crlf_to_lf(message: &[u8]) -> Vec<u8> {
+    let mut local = Vec::with_capacity(message.len());
+    let mut bytes = message.iter().peekable();
+    while let Some(&byte) = bytes.next() {
+        if byte == b'\r' && bytes.peek() == Some(&&b'\n') {
+            continue;
+        }
+        local.push(byte);
+    }
+    local
 }
 
 #[cfg(test)]
@@ -65,7 +78,7 @@ mod tests {
             .unwrap();
 
         let new = maildir.root().join("new/m1.herald");
-        assert_eq!(std::fs::read(new).unwrap(), b"Subject: hi\r\n\r\nbody");
+        assert_eq!(std::fs::read(new).unwrap(), b"Subject: hi\n\nbody");
         assert_eq!(
             std::fs::read_dir(maildir.root().join("tmp"))
                 .unwrap()

@@ -105,8 +105,12 @@ impl SmtpRelay {
         })?;
         let authority = rest.split(['/', '?']).next().unwrap_or("");
         let host_port = authority.rsplit('@').next().unwrap_or("");
-        let (host, port) = split_host_port(host_port)
-            .ok_or_else(|| format!("{display} has no valid host"))?;
+        let (host, port) = split_host_port(host_port).ok_or_else(|| {
+            format!("{display} needs a host and, optionally, a port (1-65535)")
+        })?;
+        if port == Some(0) {
+            return Err(format!("{display}: the port must be 1-65535"));
+        }
 
         let parameters = TlsParameters::new(host.clone())
             .map_err(|e| format!("TLS set-up for {host} failed: {e}"))?;
@@ -141,12 +145,18 @@ impl SmtpRelay {
         .await;
         match sent {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.is_permanent() => Err(SendError::Permanent(
-                format!("the SMTP server refused the message: {e}"),
-            )),
-            Ok(Err(e)) => {
-                Err(SendError::Transient(format!("SMTP delivery failed: {e}")))
+            // Replies often quote the recipient; logs and dead letters get
+            // the reply without the address.
+            Ok(Err(e)) if e.is_permanent() => {
+                Err(SendError::Permanent(format!(
+                    "the SMTP server refused the message: {}",
+                    redact_addresses(&e.to_string())
+                )))
             }
+            Ok(Err(e)) => Err(SendError::Transient(format!(
+                "SMTP delivery failed: {}",
+                redact_addresses(&e.to_string())
+            ))),
             Err(_) => Err(SendError::Transient(format!(
                 "SMTP delivery took longer than {SMTP_SEND_TIMEOUT:?}"
             ))),
@@ -169,6 +179,20 @@ fn split_host_port(text: &str) -> Option<(String, Option<u16>)> {
         None => (text, None),
     };
     (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+/// Replaces every word that holds an `@` with `<address>`.
+pub fn redact_addresses(text: &str) -> String {
+    text.split(' ')
+        .map(|word| {
+            if word.contains('@') {
+                "<address>"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `smtp://user:secret@host` becomes `smtp://user:***@host`.
@@ -203,6 +227,16 @@ mod tests {
         assert!(!Transport::Smtp(relay).describe().contains("hunter22"));
     }
 
+    #[test]
+    fn addresses_in_server_replies_are_redacted() {
+        let reply = "permanent error (550): 5.1.1 <eve@example.com>: \
+                     Recipient address rejected";
+        assert_eq!(
+            redact_addresses(reply),
+            "permanent error (550): 5.1.1 <address> Recipient address rejected"
+        );
+    }
+
     #[tokio::test]
     async fn smtp_urls_need_a_known_scheme_and_a_host() {
         assert!(SmtpRelay::from_url("smtp://127.0.0.1:2525").is_ok());
@@ -210,6 +244,8 @@ mod tests {
         assert!(SmtpRelay::from_url("http://127.0.0.1:2525").is_err());
         assert!(SmtpRelay::from_url("smtp://:2525").is_err());
         assert!(SmtpRelay::from_url("smtp://host:notaport").is_err());
+        assert!(SmtpRelay::from_url("smtp://host:99999").is_err());
+        assert!(SmtpRelay::from_url("smtp://host:0").is_err());
         assert!(SmtpRelay::from_url("127.0.0.1:2525").is_err());
     }
 }

@@ -165,7 +165,7 @@ async fn a_chinese_welcome_is_encoded_and_decodes_back() {
         .unwrap()
         .unwrap();
     let raw = std::fs::read(file.path()).unwrap();
-    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head_end = raw.windows(2).position(|w| w == b"\n\n").unwrap();
     assert!(raw[..head_end].is_ascii());
 }
 
@@ -187,6 +187,22 @@ async fn a_name_cannot_add_a_header() {
             .unwrap()
             .ends_with("<mallory@example.com>")
     );
+    pipeline.drain().await;
+}
+
+#[tokio::test]
+async fn a_name_that_looks_encoded_reads_back_as_typed() {
+    let pipeline = Pipeline::with_maildir().await;
+    // An encoded word for "\u{202E}SECURITY ALERT", typed as a name.
+    let name = "=?utf-8?b?4oCuU0VDVVJJVFkgQUxFUlQ=?= x";
+    pipeline
+        .publish(&registered(name, "eve@example.com", Locale::English))
+        .await;
+
+    let mail = wait_for_mail(pipeline.mail_new(), 1).await.remove(0);
+    assert_well_formed(&mail);
+    let expected = format!("Welcome to herald, {name}!");
+    assert_eq!(mail.header("Subject"), Some(expected.as_str()));
     pipeline.drain().await;
 }
 

@@ -77,7 +77,9 @@ impl UserId {
 
 /// The name a user is greeted by: 1 to 100 characters once surrounding
 /// whitespace is trimmed, none of them a control character or a line
-/// break, so a name can never add a line to a header or a log.
+/// break, so a name can never add a line to a header or a log. Bidirectional
+/// overrides, which can make text read backwards, count as control
+/// characters, and a name must have at least one visible character.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserName(String);
 
@@ -101,11 +103,18 @@ impl UserName {
                 "user_name is longer than 100 characters",
             ));
         }
-        if name.chars().any(breaks_a_line) {
+        if name.chars().any(|c| breaks_a_line(c) || reorders_text(c)) {
             return Err(FieldError::new(
                 FIELD,
                 "invalid_characters",
                 "user_name may not contain control characters or line breaks",
+            ));
+        }
+        if name.chars().all(is_invisible) {
+            return Err(FieldError::new(
+                FIELD,
+                "too_short",
+                "user_name has no visible character",
             ));
         }
         Ok(UserName(name.to_owned()))
@@ -118,6 +127,32 @@ impl UserName {
 
 fn breaks_a_line(c: char) -> bool {
     c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// Bidirectional marks, embeddings, overrides and isolates.
+fn reorders_text(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}'
+        | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Characters that render as nothing: whitespace, zero-width marks and
+/// the blank fillers some scripts have.
+fn is_invisible(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '\u{200B}'
+                ..='\u{200D}'
+                    | '\u{2060}'
+                    | '\u{FEFF}'
+                    | '\u{00AD}'
+                    | '\u{034F}'
+                    | '\u{115F}'
+                    | '\u{1160}'
+                    | '\u{2800}'
+                    | '\u{3164}'
+                    | '\u{FFA0}'
+        )
 }
 
 /// A password as the user typed it: 8 to 1,024 characters. Its `Debug`
@@ -228,7 +263,14 @@ fn is_domain(text: &str) -> bool {
             && !label.ends_with('-')
     };
     let labels: Vec<&str> = text.split('.').collect();
-    text.len() <= 253 && labels.len() >= 2 && labels.iter().all(|l| label_ok(l))
+    // A top-level domain is never all digits, so `a@127.0.0.1` is refused.
+    let top_level_named = labels
+        .last()
+        .is_some_and(|l| l.chars().any(|c| c.is_ascii_alphabetic()));
+    text.len() <= 253
+        && labels.len() >= 2
+        && labels.iter().all(|l| label_ok(l))
+        && top_level_named
 }
 
 /// Reads the `locale` field: `en` or `zh-CN`, in any letter case.
@@ -304,13 +346,40 @@ mod tests {
 
     #[test]
     fn user_names_with_line_breaks_or_controls_are_refused() {
-        for bad in ["Al\rice", "Al\nice", "A\u{0}", "A\u{7f}b", "A\u{2028}b"] {
+        for bad in [
+            "Al\rice",
+            "Al\nice",
+            "A\u{0}",
+            "A\u{7f}b",
+            "A\u{2028}b",
+            "\u{202E}evil\u{202C}",
+            "Al\u{200E}ice",
+        ] {
             assert_eq!(
                 UserName::parse(bad).unwrap_err().code,
                 "invalid_characters",
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn user_names_need_a_visible_character() {
+        for blank in [
+            "\u{200B}",
+            "\u{FEFF}",
+            "\u{2800}",
+            "\u{3164}",
+            "\u{200B} \u{200D}",
+        ] {
+            assert_eq!(
+                UserName::parse(blank).unwrap_err().code,
+                "too_short",
+                "{blank:?}"
+            );
+        }
+        // Joiners inside a real name or an emoji sequence are fine.
+        assert!(UserName::parse("👨\u{200D}👩\u{200D}👧").is_ok());
     }
 
     #[test]
@@ -348,6 +417,7 @@ mod tests {
             "al..ice@example.com",
             "alice@example..com",
             "ålice@example.com",
+            "alice@127.0.0.1",
         ] {
             let error = EmailAddress::parse(bad, "email").unwrap_err();
             assert_eq!(error.code, "invalid_email", "{bad:?}");

@@ -7,6 +7,8 @@
 //! Every error is JSON, `{"error": {"code", "message", "field"}}`, with its
 //! status mapped in one place ([`ApiError`]'s `IntoResponse`).
 
+use std::time::Duration;
+
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -26,6 +28,12 @@ use crate::{TraceContext, Users};
 /// The largest registration body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
+/// How long a client may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a readiness check may take before it counts as a failure.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub fn router(users: Users) -> Router {
     Router::new()
         .route("/user/register", post(register))
@@ -44,9 +52,7 @@ async fn register(
     body: Body,
 ) -> Result<Response, ApiError> {
     // Refuse what is not JSON or too big before reading any of it.
-    if !is_json(&headers) {
-        return Err(ApiError::UnsupportedMediaType);
-    }
+    check_json(&headers)?;
     let body = read_limited(body, &headers).await?;
     let fields = parse_object(&body)?;
 
@@ -173,18 +179,37 @@ fn optional<'a>(
     }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return false;
-    };
-    let Ok(value) = value.to_str() else {
-        return false;
-    };
-    let essence = value.split(';').next().unwrap_or("").trim();
-    essence.eq_ignore_ascii_case("application/json")
-        || (essence.len() > 17
-            && essence[..12].eq_ignore_ascii_case("application/")
-            && essence.to_ascii_lowercase().ends_with("+json"))
+/// Accepts `application/json` (or `application/*+json`) in UTF-8, not
+/// compressed: anything else would be misread, so it is refused up front.
+fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let refuse = |why: &str| Err(ApiError::UnsupportedMediaType(why.into()));
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut parts = content_type.split(';');
+    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    let json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if !json {
+        return refuse("send the body as application/json");
+    }
+
+    let charset = parts
+        .filter_map(|p| p.split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("charset"))
+        .map(|(_, value)| value.trim().trim_matches('"').to_ascii_lowercase());
+    if charset.is_some_and(|c| c != "utf-8" && c != "utf8") {
+        return refuse("only UTF-8 JSON is accepted");
+    }
+
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
+    if encoding.is_some_and(|e| e != "identity") {
+        return refuse("compressed bodies are not accepted; send plain JSON");
+    }
+    Ok(())
 }
 
 /// Reads the body, refusing it as soon as it is known to be too large.
@@ -199,9 +224,15 @@ async fn read_limited(
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(ApiError::TooLarge);
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| ApiError::TooLarge)
+    let read = tokio::time::timeout(
+        BODY_TIMEOUT,
+        axum::body::to_bytes(body, MAX_BODY_BYTES),
+    );
+    match read.await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::TooLarge),
+        Err(_) => Err(ApiError::BodyTimeout),
+    }
 }
 
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -226,8 +257,10 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(users): State<Users>) -> Response {
-    let store = users.store.is_usable().await;
-    let bus = users.bus_ready().await;
+    let (store, bus) = tokio::join!(
+        within_ready_timeout(users.store.is_usable()),
+        within_ready_timeout(users.bus_ready()),
+    );
     let status = if store && bus {
         StatusCode::OK
     } else {
@@ -238,6 +271,14 @@ async fn readyz(State(users): State<Users>) -> Response {
         "checks": { "store": store, "bus": bus },
     });
     (status, Json(body)).into_response()
+}
+
+/// A check that cannot answer quickly has failed: a write lock held
+/// elsewhere should make the service unready, not the probe slow.
+async fn within_ready_timeout(check: impl Future<Output = bool>) -> bool {
+    tokio::time::timeout(READY_TIMEOUT, check)
+        .await
+        .unwrap_or(false)
 }
 
 async fn not_found() -> ApiError {
@@ -253,7 +294,9 @@ async fn method_not_allowed() -> ApiError {
 pub enum ApiError {
     Malformed(String),
     TooLarge,
-    UnsupportedMediaType,
+    /// The body did not arrive in time.
+    BodyTimeout,
+    UnsupportedMediaType(String),
     Invalid(FieldError),
     Taken(Taken),
     NotFound,
@@ -327,10 +370,16 @@ impl IntoResponse for ApiError {
                 "the body is larger than 16 KiB",
                 None,
             ),
-            ApiError::UnsupportedMediaType => (
+            ApiError::BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the body did not arrive within 10 seconds",
+                None,
+            ),
+            ApiError::UnsupportedMediaType(why) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                "send the body as application/json",
+                why.as_str(),
                 None,
             ),
             ApiError::Invalid(e) => (

@@ -474,8 +474,34 @@ async fn a_body_that_is_not_json_is_refused_with_415() {
         );
         assert_eq!(reply.error_code(), "unsupported_media_type");
     }
+    for content_type in [
+        "application/json; charset=latin1",
+        "application/json; charset=utf-16",
+    ] {
+        let reply = app.register_raw(content_type, alice().to_string()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}"
+        );
+    }
+    for encoding in ["gzip", "br"] {
+        let request = Request::post("/user/register")
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(Body::from(alice().to_string()))
+            .unwrap();
+        let reply = app.send(request).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{encoding}"
+        );
+    }
+    assert_eq!(app.users().await, 0);
+
     let reply = app
-        .register_raw("application/json; charset=utf-8", alice().to_string())
+        .register_raw("application/json; charset=UTF-8", alice().to_string())
         .await;
     assert_eq!(reply.status, StatusCode::CREATED);
     assert_eq!(app.users().await, 1);

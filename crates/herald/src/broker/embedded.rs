@@ -185,7 +185,7 @@ impl EmbeddedBroker {
     ) -> Result<Vec<Delivery>, BusError> {
         let lease = fastrand::i64(1..);
         let now = now_millis();
-        let lease_end = now + millis(self.inner.options.lease);
+        let lease_end = after(now, self.inner.options.lease);
         let rows = sqlx::query(
             "UPDATE bus_messages
              SET attempts = attempts + 1, lease = ?1, available_at = ?2
@@ -364,7 +364,7 @@ impl Broker for EmbeddedBroker {
         delay: Duration,
         error: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        let at = now_millis() + millis(delay);
+        let at = after(now_millis(), delay);
         Box::pin(self.update_held(delivery, at, 0, Some(error)))
     }
 
@@ -435,7 +435,7 @@ async fn renew_leases(inner: Weak<Inner>) {
             continue;
         }
 
-        let lease_end = now_millis() + millis(inner.options.lease);
+        let lease_end = after(now_millis(), inner.options.lease);
         let renewed = sqlx::query(
             "UPDATE bus_messages SET available_at = ?
              WHERE lease IN (SELECT value FROM json_each(?))",
@@ -454,8 +454,10 @@ async fn renew_leases(inner: Weak<Inner>) {
     }
 }
 
-fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+/// `duration` after the time `millis`, saturating rather than wrapping.
+fn after(millis: i64, duration: Duration) -> i64 {
+    let duration = i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+    millis.saturating_add(duration)
 }
 
 fn envelope_from_row(row: &SqliteRow) -> Result<Envelope, BusError> {
