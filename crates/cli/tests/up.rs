@@ -315,6 +315,26 @@ async fn a_client_that_never_finishes_its_request_cannot_hold_up_shutdown() {
 }
 
 #[tokio::test]
+async fn a_connection_that_never_finishes_its_headers_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let data = tempfile::tempdir().unwrap();
+    let herald = Herald::start(data.path(), &[]);
+    let address = herald.base.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
+    stalled
+        .write_all(b"POST /user/register HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+
+    // The server gives up on the headers and closes the connection.
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(WAIT, stalled.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the stalled connection was still open");
+}
+
+#[tokio::test]
 async fn logs_of_a_registration_hold_no_password_hash_or_address() {
     let data = tempfile::tempdir().unwrap();
     let mut herald = Herald::start_logging(data.path(), &[], "debug");

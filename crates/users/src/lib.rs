@@ -10,6 +10,11 @@ pub mod password;
 pub mod store;
 
 use std::future::Future;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 
 use herald::{Broker, EmbeddedBroker, TraceContext};
 use tokio::net::TcpListener;
@@ -46,14 +51,52 @@ impl Users {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then finishes
-/// the requests in flight and returns.
+/// How long a client may take to send a request's headers. Without it, a
+/// client that sends half a request would hold its connection forever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the API on `listener` until `shutdown` completes, then stops
+/// accepting and waits for the connections in flight to finish (the
+/// caller bounds that wait).
 pub async fn serve(
     users: Users,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, users.router())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = users.router();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let connections = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, most likely: back off a
+                    // moment rather than spin.
+                    tracing::warn!(error = %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Replies are small and written whole: send them at once.
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended badly");
+            }
+        });
+    }
+
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
 }
