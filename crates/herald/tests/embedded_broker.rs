@@ -158,7 +158,7 @@ async fn every_bound_queue_gets_its_own_copy() {
 #[tokio::test]
 async fn a_leased_message_is_invisible_until_its_holder_dies() {
     let options = EmbeddedOptions {
-        lease: Duration::from_secs(1),
+        lease: Duration::from_secs(2),
         poll_interval: Duration::from_millis(50),
     };
     let fx = fixture(options).await;
