@@ -16,6 +16,7 @@ pub mod sqlite;
 pub mod trace;
 pub mod worker;
 
+pub use broker::amqp::AmqpBroker;
 pub use broker::embedded::EmbeddedBroker;
 pub use broker::{Broker, BusError, DeadLetter, Delivery};
 pub use envelope::{DecodeError, Envelope, Event};

@@ -11,6 +11,7 @@
 //! returns; delivery is at least once, so work held by a consumer that dies
 //! comes back; a delivery's attempt count survives crashes.
 
+pub mod amqp;
 pub mod embedded;
 mod group_commit;
 
@@ -127,6 +128,12 @@ pub enum BusError {
     Shared(#[source] std::sync::Arc<sqlx::Error>),
     #[error("the bus is shut down")]
     Closed,
+    #[error("RabbitMQ failed")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ did not confirm the message")]
+    Nacked,
+    #[error("RabbitMQ did not answer in time to {what}")]
+    Timeout { what: &'static str },
     #[error("a stored message is corrupt: {0}")]
     Corrupt(String),
 }

@@ -1,0 +1,654 @@
+//! The RabbitMQ broker: the bus across machines, over AMQP 0.9.1.
+//!
+//! Topology, declared idempotently by [`Broker::bind`]:
+//!
+//! - `herald.events`: a durable topic exchange; events are published to it
+//!   with their type as the routing key.
+//! - One durable queue per subscribing service, bound by event type.
+//! - `<queue>.dead`: the queue's dead letters, with the reason and the
+//!   attempt count in their headers.
+//! - `<queue>.retry.<N>s`: delay queues with a fixed message TTL that
+//!   dead-letter back to `<queue>` when it runs out. A retry goes to the
+//!   shortest tier at least as long as the delay it asks for, so no broker
+//!   plugin is needed and a long delay never blocks a short one.
+//!
+//! Every message is persistent and every publish waits for the broker's
+//! confirm; a nack, a return (nothing bound) or a timeout is an error. A
+//! delivery is acknowledged only when settled, so the messages of a
+//! consumer that dies return to the queue. The attempt count travels in
+//! the `x-herald-attempts` header; a redelivered message counts the
+//! attempt that was interrupted.
+//!
+//! This backend does not reconnect by itself yet: when the connection
+//! drops, operations fail with an error (never a silent success) and
+//! [`Broker::is_ready`] turns false until a new broker is connected.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_lite::StreamExt;
+
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    Acker, BasicProperties, Channel, Confirmation, Connection,
+    ConnectionProperties, Consumer, ExchangeKind,
+};
+use uuid::Uuid;
+
+use super::{BoxFuture, Broker, BusError, Delivery, DeliveryTag};
+use crate::envelope::Envelope;
+use crate::trace::TraceContext;
+
+/// The exchange every event is published to.
+pub const EXCHANGE: &str = "herald.events";
+
+/// Delay tiers of the retry queues, in seconds.
+const RETRY_TIERS: [u64; 6] = [1, 5, 30, 120, 600, 3600];
+
+const ATTEMPTS: &str = "x-herald-attempts";
+const REASON: &str = "x-herald-reason";
+const SUBJECT: &str = "ce-subject";
+const TIME: &str = "ce-time";
+const TRACEPARENT: &str = "traceparent";
+
+/// Tuning of the RabbitMQ broker.
+#[derive(Debug, Clone, Copy)]
+pub struct AmqpOptions {
+    /// Deliveries a consumer holds unacknowledged at most.
+    pub prefetch: u16,
+    /// The longest any one broker operation may take: connecting, a
+    /// declaration, a publish and its confirm, an acknowledgement.
+    pub timeout: Duration,
+}
+
+impl Default for AmqpOptions {
+    fn default() -> Self {
+        AmqpOptions {
+            prefetch: 64,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connection to RabbitMQ. Cheap to clone; clones share it.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: Connection,
+    /// A channel in confirm mode for everything this process publishes.
+    publisher: Channel,
+    options: AmqpOptions,
+    /// One consumer per queue, created on the first receive.
+    consumers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Consumer>>>>,
+    /// The acker of each unsettled delivery, by the sequence number its
+    /// [`DeliveryTag`] carries.
+    held: Mutex<HashMap<i64, Acker>>,
+    next_seq: AtomicI64,
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("connected", &self.inner.connection.status().connected())
+            .finish()
+    }
+}
+
+impl AmqpBroker {
+    /// Connects to `url` (`amqp://` or `amqps://`).
+    pub async fn connect(
+        url: &str,
+        options: AmqpOptions,
+    ) -> Result<Self, BusError> {
+        let connect = Connection::connect(url, ConnectionProperties::default());
+        let connection = within(options.timeout, "connect", connect).await?;
+        let publisher = within(
+            options.timeout,
+            "open a channel",
+            connection.create_channel(),
+        )
+        .await?;
+        within(
+            options.timeout,
+            "enable publisher confirms",
+            publisher.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        Ok(AmqpBroker {
+            inner: Arc::new(Inner {
+                connection,
+                publisher,
+                options,
+                consumers: Mutex::new(HashMap::new()),
+                held: Mutex::new(HashMap::new()),
+                next_seq: AtomicI64::new(1),
+            }),
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.inner.options.timeout
+    }
+
+    /// Closes the connection; unsettled deliveries return to their queues.
+    pub async fn close(&self) {
+        let closing = self.inner.connection.close(200, "closing".into());
+        let _ = tokio::time::timeout(self.timeout(), closing).await;
+    }
+
+    /// The name of `queue`'s dead-letter queue.
+    pub fn dead_letter_queue(queue: &str) -> String {
+        format!("{queue}.dead")
+    }
+
+    fn retry_queue(queue: &str, seconds: u64) -> String {
+        format!("{queue}.retry.{seconds}s")
+    }
+
+    /// The queues [`bind`](Broker::bind) declares for `queue`, itself
+    /// included: for tests and tools that clean up.
+    pub fn queues_of(queue: &str) -> Vec<String> {
+        let mut names = vec![queue.to_owned(), Self::dead_letter_queue(queue)];
+        names.extend(RETRY_TIERS.iter().map(|s| Self::retry_queue(queue, *s)));
+        names
+    }
+
+    async fn declare(
+        &self,
+        queue: &str,
+        event_types: &[&str],
+    ) -> Result<(), BusError> {
+        let channel = &self.inner.publisher;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        within(
+            self.timeout(),
+            "declare the events exchange",
+            channel.exchange_declare(
+                EXCHANGE.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+
+        within(
+            self.timeout(),
+            "declare a queue",
+            channel.queue_declare(queue.into(), durable, FieldTable::default()),
+        )
+        .await?;
+        for event_type in event_types {
+            within(
+                self.timeout(),
+                "bind a queue",
+                channel.queue_bind(
+                    queue.into(),
+                    EXCHANGE.into(),
+                    (*event_type).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+        }
+
+        let dead = Self::dead_letter_queue(queue);
+        within(
+            self.timeout(),
+            "declare a dead-letter queue",
+            channel.queue_declare(dead.into(), durable, FieldTable::default()),
+        )
+        .await?;
+        for seconds in RETRY_TIERS {
+            let mut arguments = FieldTable::default();
+            arguments.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(seconds as i64 * 1000),
+            );
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(queue.into()),
+            );
+            within(
+                self.timeout(),
+                "declare a retry queue",
+                channel.queue_declare(
+                    Self::retry_queue(queue, seconds).into(),
+                    durable,
+                    arguments,
+                ),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes persistently and waits for the broker's confirm.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        envelope: &Envelope,
+        headers: FieldTable,
+    ) -> Result<(), BusError> {
+        let properties = properties(envelope, headers);
+        let confirmed = within(self.timeout(), "publish", async {
+            let confirm = self
+                .inner
+                .publisher
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &envelope.data,
+                    properties,
+                )
+                .await?;
+            confirm.await
+        })
+        .await?;
+        match confirmed {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BusError::Unroutable {
+                event_type: envelope.event_type.clone(),
+            }),
+            Confirmation::Nack(_) => Err(BusError::Nacked),
+            Confirmation::NotRequested => Err(BusError::Nacked),
+        }
+    }
+
+    async fn consumer(
+        &self,
+        queue: &str,
+    ) -> Result<Arc<tokio::sync::Mutex<Consumer>>, BusError> {
+        if let Some(consumer) = self.inner.consumers.lock().unwrap().get(queue)
+        {
+            return Ok(consumer.clone());
+        }
+        let channel = within(
+            self.timeout(),
+            "open a channel",
+            self.inner.connection.create_channel(),
+        )
+        .await?;
+        within(
+            self.timeout(),
+            "set the prefetch",
+            channel.basic_qos(
+                self.inner.options.prefetch,
+                BasicQosOptions::default(),
+            ),
+        )
+        .await?;
+        let tag = format!("herald-{queue}-{}", Uuid::new_v4().simple());
+        let consumer = within(
+            self.timeout(),
+            "start consuming",
+            channel.basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let consumer = Arc::new(tokio::sync::Mutex::new(consumer));
+        self.inner
+            .consumers
+            .lock()
+            .unwrap()
+            .insert(queue.to_owned(), consumer.clone());
+        Ok(consumer)
+    }
+
+    async fn next_batch(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let consumer = self.consumer(queue).await?;
+        let mut consumer = consumer.lock().await;
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            // Wait for the first delivery; take the rest only if ready.
+            let next = if batch.is_empty() {
+                consumer.next().await
+            } else {
+                match futures_lite::future::poll_once(consumer.next()).await {
+                    Some(next) => next,
+                    None => break,
+                }
+            };
+            let delivery = match next {
+                Some(delivery) => delivery?,
+                None => return Err(BusError::Closed),
+            };
+            if let Some(delivery) = self.accept(queue, delivery).await? {
+                batch.push(delivery);
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Turns an AMQP delivery into a [`Delivery`]; one that is not a herald
+    /// event is dead-lettered at once with the reason, and `None` returned.
+    async fn accept(
+        &self,
+        queue: &str,
+        delivery: lapin::message::Delivery,
+    ) -> Result<Option<Delivery>, BusError> {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let attempts = header_u32(&headers, ATTEMPTS).unwrap_or(0);
+        let attempt = attempts + 1 + u32::from(delivery.redelivered);
+        match envelope_of(&delivery) {
+            Ok(envelope) => {
+                let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+                self.inner.held.lock().unwrap().insert(seq, delivery.acker);
+                Ok(Some(Delivery {
+                    envelope,
+                    queue: queue.to_owned(),
+                    attempt,
+                    tag: DeliveryTag { seq, lease: 0 },
+                }))
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    queue,
+                    reason,
+                    "not a herald event; dead-lettered"
+                );
+                let mut headers = headers;
+                headers.insert(
+                    REASON.into(),
+                    AMQPValue::LongString(reason.into()),
+                );
+                headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(attempt));
+                let properties =
+                    delivery.properties.clone().with_headers(headers);
+                let dead = Self::dead_letter_queue(queue);
+                let confirm = within(self.timeout(), "dead-letter", async {
+                    self.inner
+                        .publisher
+                        .basic_publish(
+                            "".into(),
+                            dead.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &delivery.data,
+                            properties,
+                        )
+                        .await?
+                        .await
+                })
+                .await?;
+                if !confirm.is_ack() {
+                    return Err(BusError::Nacked);
+                }
+                within(
+                    self.timeout(),
+                    "acknowledge",
+                    delivery.acker.ack(BasicAckOptions::default()),
+                )
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn take_acker(&self, delivery: &Delivery) -> Result<Acker, BusError> {
+        self.inner
+            .held
+            .lock()
+            .unwrap()
+            .remove(&delivery.tag.seq)
+            .ok_or(BusError::LeaseLost {
+                seq: delivery.tag.seq,
+            })
+    }
+
+    async fn ack_with(&self, acker: Acker) -> Result<(), BusError> {
+        within(
+            self.timeout(),
+            "acknowledge",
+            acker.ack(BasicAckOptions::default()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Moves a delivery elsewhere (a retry or dead-letter queue) with
+    /// `headers`, then acknowledges the original. A crash in between
+    /// leaves both: at least once, never lost.
+    async fn move_to(
+        &self,
+        delivery: &Delivery,
+        target: &str,
+        headers: FieldTable,
+    ) -> Result<(), BusError> {
+        let acker = self.take_acker(delivery)?;
+        let moved = self
+            .publish_confirmed("", target, &delivery.envelope, headers)
+            .await;
+        if let Err(error) = moved {
+            // Hand it back rather than lose it.
+            let _ = acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+            return Err(error);
+        }
+        self.ack_with(acker).await
+    }
+}
+
+impl Broker for AmqpBroker {
+    fn bind<'a>(
+        &'a self,
+        queue: &'a str,
+        event_types: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(self.declare(queue, event_types))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(self.publish_confirmed(
+            EXCHANGE,
+            &envelope.event_type,
+            envelope,
+            FieldTable::default(),
+        ))
+    }
+
+    fn receive<'a>(
+        &'a self,
+        queue: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BusError>> {
+        Box::pin(self.next_batch(queue, max.max(1)))
+    }
+
+    fn ack<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let acker = self.take_acker(delivery)?;
+            self.ack_with(acker).await
+        })
+    }
+
+    fn retry<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        delay: Duration,
+        error: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        let tier = RETRY_TIERS
+            .iter()
+            .copied()
+            .find(|s| Duration::from_secs(*s) >= delay)
+            .unwrap_or(RETRY_TIERS[RETRY_TIERS.len() - 1]);
+        let target = Self::retry_queue(&delivery.queue, tier);
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(delivery.attempt));
+        headers.insert(REASON.into(), AMQPValue::LongString(error.into()));
+        Box::pin(async move { self.move_to(delivery, &target, headers).await })
+    }
+
+    fn release<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let acker = self.take_acker(delivery)?;
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            within(self.timeout(), "release", acker.nack(requeue)).await?;
+            Ok(())
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        let target = Self::dead_letter_queue(&delivery.queue);
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(delivery.attempt));
+        headers.insert(REASON.into(), AMQPValue::LongString(reason.into()));
+        Box::pin(async move { self.move_to(delivery, &target, headers).await })
+    }
+
+    fn is_ready(&self) -> BoxFuture<'_, bool> {
+        let connected = self.inner.connection.status().connected()
+            && self.inner.publisher.status().connected();
+        Box::pin(std::future::ready(connected))
+    }
+}
+
+/// Runs a broker operation under the timeout every network call has.
+async fn within<T>(
+    limit: Duration,
+    what: &'static str,
+    operation: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(limit, operation).await {
+        Ok(outcome) => Ok(outcome?),
+        Err(_) => Err(BusError::Timeout { what }),
+    }
+}
+
+/// The AMQP properties that carry an envelope's attributes.
+fn properties(envelope: &Envelope, mut headers: FieldTable) -> BasicProperties {
+    if let Some(subject) = &envelope.subject {
+        headers.insert(
+            SUBJECT.into(),
+            AMQPValue::LongString(subject.as_str().into()),
+        );
+    }
+    headers.insert(
+        TIME.into(),
+        AMQPValue::LongString(envelope.time.to_rfc3339().into()),
+    );
+    if let Some(trace) = envelope.traceparent {
+        headers.insert(
+            TRACEPARENT.into(),
+            AMQPValue::LongString(trace.to_string().into()),
+        );
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(envelope.id.to_string().into())
+        .with_type(envelope.event_type.as_str().into())
+        .with_app_id(envelope.source.as_str().into())
+        .with_content_type(envelope.content_type.as_str().into())
+        .with_timestamp(envelope.time.timestamp().max(0) as u64)
+        .with_headers(headers)
+}
+
+/// Reads an envelope back from a delivery, or says what is missing.
+fn envelope_of(
+    delivery: &lapin::message::Delivery,
+) -> Result<Envelope, String> {
+    let properties = &delivery.properties;
+    let headers = properties.headers().clone().unwrap_or_default();
+    let text = |value: &Option<ShortString>, what: &str| {
+        value
+            .as_ref()
+            .map(|v| v.as_str().to_owned())
+            .ok_or_else(|| format!("the message has no {what}"))
+    };
+    let id = text(properties.message_id(), "message_id (the event id)")?;
+    let time = header_text(&headers, TIME)
+        .ok_or_else(|| format!("the message has no {TIME} header"))?;
+    Ok(Envelope {
+        id: Uuid::parse_str(&id)
+            .map_err(|e| format!("message_id {id:?} is not a UUID: {e}"))?,
+        source: text(properties.app_id(), "app_id (the event source)")?,
+        event_type: text(properties.kind(), "type (the event type)")?,
+        subject: header_text(&headers, SUBJECT),
+        time: DateTime::parse_from_rfc3339(&time)
+            .map_err(|e| format!("{TIME} {time:?} is not RFC 3339: {e}"))?
+            .with_timezone(&Utc),
+        content_type: text(properties.content_type(), "content_type")?,
+        traceparent: header_text(&headers, TRACEPARENT)
+            .as_deref()
+            .and_then(TraceContext::parse),
+        data: delivery.data.clone(),
+    })
+}
+
+fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(text) => {
+            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn header_u32(headers: &FieldTable, name: &str) -> Option<u32> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+        AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,323 @@
+//! The RabbitMQ broker against a real RabbitMQ. Set HERALD_TEST_AMQP_URL
+//! (e.g. amqp://guest:guest@127.0.0.1:5672/%2f) and run with
+//! `cargo test -- --include-ignored`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use herald::broker::BoxFuture;
+use herald::broker::amqp::AmqpOptions;
+use herald::worker::{self, WorkerOptions};
+use herald::{
+    AmqpBroker, Broker, BusError, Delivery, Envelope, Event, Handler,
+    HandlerError, RetryPolicy, Subscription,
+};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Pinged {
+    n: u32,
+}
+
+impl Event for Pinged {
+    /// Each test publishes under a type of its own; see [`Fixture`].
+    const TYPE: &'static str = "test.pinged.v1";
+}
+
+const NEEDS: &str = "needs RabbitMQ: set HERALD_TEST_AMQP_URL";
+
+fn url() -> String {
+    std::env::var("HERALD_TEST_AMQP_URL").expect(NEEDS)
+}
+
+/// A queue and an event type of its own for each test, so tests can
+/// share the broker; the queues are deleted at the end.
+struct Fixture {
+    queue: String,
+    event_type: &'static str,
+    broker: AmqpBroker,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let queue = format!("herald-test-{unique}");
+        let event_type: &'static str =
+            Box::leak(format!("test.pinged.{unique}").into_boxed_str());
+        let broker = AmqpBroker::connect(&url(), AmqpOptions::default())
+            .await
+            .unwrap();
+        broker.bind(&queue, &[event_type]).await.unwrap();
+        Fixture {
+            queue,
+            event_type,
+            broker,
+        }
+    }
+
+    fn ping(&self, n: u32) -> Envelope {
+        let mut envelope = Envelope::new("/test", &Pinged { n }, None).unwrap();
+        envelope.event_type = self.event_type.to_owned();
+        envelope
+    }
+
+    async fn receive_one(&self, broker: &AmqpBroker) -> Delivery {
+        let batch = tokio::time::timeout(
+            Duration::from_secs(20),
+            broker.receive(&self.queue, 1),
+        )
+        .await
+        .expect("a message arrives")
+        .unwrap();
+        batch.into_iter().next().unwrap()
+    }
+
+    /// A raw channel, for looking behind the broker's back.
+    async fn raw(&self) -> lapin::Channel {
+        let connection =
+            Connection::connect(&url(), ConnectionProperties::default())
+                .await
+                .unwrap();
+        connection.create_channel().await.unwrap()
+    }
+
+    async fn cleanup(self) {
+        let channel = self.raw().await;
+        for queue in AmqpBroker::queues_of(&self.queue) {
+            let _ = channel
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await;
+        }
+        self.broker.close().await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_published_event_is_delivered_whole() {
+    let fx = Fixture::new().await;
+    let mut sent = fx.ping(7);
+    sent.subject = Some("order-7".into());
+    sent.traceparent = Some(herald::TraceContext::new_root());
+    fx.broker.publish(&sent).await.unwrap();
+
+    let delivery = fx.receive_one(&fx.broker).await;
+    assert_eq!(delivery.envelope.id, sent.id);
+    assert_eq!(delivery.envelope, sent);
+    assert_eq!(delivery.attempt, 1);
+    fx.broker.ack(&delivery).await.unwrap();
+    fx.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn an_event_no_queue_is_bound_to_is_refused() {
+    let fx = Fixture::new().await;
+    let mut envelope = fx.ping(1);
+    envelope.event_type =
+        format!("test.nobody.{}", uuid::Uuid::new_v4().simple());
+    let error = fx.broker.publish(&envelope).await.unwrap_err();
+    assert!(matches!(error, BusError::Unroutable { .. }), "{error}");
+    fx.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_retry_waits_in_a_delay_queue_and_comes_back_with_the_next_attempt() {
+    let fx = Fixture::new().await;
+    let sent = fx.ping(1);
+    fx.broker.publish(&sent).await.unwrap();
+    let first = fx.receive_one(&fx.broker).await;
+    assert_eq!(first.envelope.id, sent.id);
+
+    let started = std::time::Instant::now();
+    fx.broker
+        .retry(&first, Duration::from_millis(500), "not yet")
+        .await
+        .unwrap();
+    let second = fx.receive_one(&fx.broker).await;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(second.envelope, sent);
+    assert_eq!(second.attempt, 2);
+    fx.broker.ack(&second).await.unwrap();
+    fx.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_dead_letter_keeps_the_message_the_reason_and_the_attempts() {
+    let fx = Fixture::new().await;
+    let sent = fx.ping(3);
+    fx.broker.publish(&sent).await.unwrap();
+    let delivery = fx.receive_one(&fx.broker).await;
+    fx.broker
+        .dead_letter(&delivery, "bad payload")
+        .await
+        .unwrap();
+
+    let channel = fx.raw().await;
+    let dead = channel
+        .basic_get(
+            AmqpBroker::dead_letter_queue(&fx.queue).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    let properties = &dead.delivery.properties;
+    let headers = properties.headers().clone().unwrap();
+    assert_eq!(dead.delivery.data, sent.data);
+    assert_eq!(
+        properties.message_id().as_ref().unwrap().as_str(),
+        sent.id.to_string()
+    );
+    assert_eq!(
+        headers.inner().get("x-herald-reason"),
+        Some(&AMQPValue::LongString("bad payload".into()))
+    );
+    assert_eq!(
+        headers.inner().get("x-herald-attempts"),
+        Some(&AMQPValue::LongUInt(1))
+    );
+    fx.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn deliveries_held_by_a_consumer_that_dies_come_back_counted() {
+    let fx = Fixture::new().await;
+    let sent = fx.ping(4);
+    fx.broker.publish(&sent).await.unwrap();
+
+    let doomed = AmqpBroker::connect(&url(), AmqpOptions::default())
+        .await
+        .unwrap();
+    let held = fx.receive_one(&doomed).await;
+    assert_eq!(held.attempt, 1);
+    doomed.close().await;
+
+    let again = fx.receive_one(&fx.broker).await;
+    assert_eq!(again.envelope, sent);
+    assert_eq!(again.attempt, 2);
+    fx.broker.ack(&again).await.unwrap();
+    fx.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_message_from_another_producer_without_herald_attributes_is_dead_lettered()
+ {
+    let fx = Fixture::new().await;
+    let channel = fx.raw().await;
+    // Confirmed, so it is in the queue before the event published next.
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            fx.queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"not an event",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // A proper event behind it still gets through.
+    let sent = fx.ping(5);
+    fx.broker.publish(&sent).await.unwrap();
+    let delivery = fx.receive_one(&fx.broker).await;
+    assert_eq!(delivery.envelope.id, sent.id);
+
+    let dead = channel
+        .basic_get(
+            AmqpBroker::dead_letter_queue(&fx.queue).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the foreign message is a dead letter");
+    assert_eq!(dead.delivery.data, b"not an event");
+    let headers = dead.delivery.properties.headers().clone().unwrap();
+    let reason = match headers.inner().get("x-herald-reason") {
+        Some(AMQPValue::LongString(reason)) => reason.to_string(),
+        other => panic!("no reason: {other:?}"),
+    };
+    assert!(reason.contains("message_id"), "{reason}");
+    fx.cleanup().await;
+}
+
+/// Fails the first `failures` calls transiently, then succeeds.
+struct Flaky {
+    calls: AtomicU32,
+    failures: u32,
+    done: tokio::sync::Notify,
+}
+
+impl Handler for Flaky {
+    fn handle<'a>(
+        &'a self,
+        _delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if call <= self.failures {
+                return Err(HandlerError::transient("not yet"));
+            }
+            self.done.notify_one();
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_worker_over_rabbitmq_retries_then_acknowledges() {
+    let fx = Fixture::new().await;
+    let handler = Arc::new(Flaky {
+        calls: AtomicU32::new(0),
+        failures: 2,
+        done: tokio::sync::Notify::new(),
+    });
+    let (stop, mut stopped) = watch::channel(false);
+    let subscription = Subscription {
+        queue: fx.queue.clone(),
+        event_types: vec![fx.event_type],
+        options: WorkerOptions {
+            retry: RetryPolicy {
+                max_attempts: 5,
+                base: Duration::from_millis(10),
+                cap: Duration::from_millis(100),
+            },
+            ..WorkerOptions::default()
+        },
+    };
+    let running = tokio::spawn(worker::run(
+        Arc::new(fx.broker.clone()),
+        subscription,
+        handler.clone(),
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+    fx.broker.publish(&fx.ping(6)).await.unwrap();
+
+    tokio::time::timeout(Duration::from_secs(30), handler.done.notified())
+        .await
+        .expect("handled on the third attempt");
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    fx.cleanup().await;
+}
