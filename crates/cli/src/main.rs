@@ -4,6 +4,8 @@
 //! of [`run`] into an exit code; each subcommand lives in its own module.
 
 mod bench;
+mod serve;
+mod system;
 mod up;
 
 use std::io::IsTerminal;
@@ -35,6 +37,10 @@ enum Command {
     /// Run the whole system in this process: the users service, the
     /// embedded bus and the mailer, with everything kept in DATA_DIR.
     Up(up::UpArgs),
+    /// Run one service in this process; run several processes for
+    /// replicas.
+    #[command(subcommand)]
+    Serve(serve::ServeCommand),
     /// Measure the system: throughput and latency against its ceilings.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(args).await,
+        Command::Serve(command) => serve::run(command).await,
         Command::Bench(command) => bench::run(command).await,
     }
 }

@@ -1,116 +1,16 @@
 //! `herald up` as a user runs it: the real binary, a real HTTP client, a
 //! real data directory, and for SMTP a real server on 127.0.0.1.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::{Herald, WAIT, client};
 use testkit::{ParsedEmail, SmtpServer};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A running `herald up`, killed when dropped.
-struct Herald {
-    child: Child,
-    base: String,
-    log: tempfile::NamedTempFile,
-}
-
-impl Herald {
-    fn start(data_dir: &Path, extra: &[&str]) -> Herald {
-        Self::start_logging(data_dir, extra, "warn")
-    }
-
-    /// Starts herald with its log filter at `level`, its stderr kept.
-    fn start_logging(data_dir: &Path, extra: &[&str], level: &str) -> Herald {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("up")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .env("HERALD_LOG", level)
-            .stdout(Stdio::piped())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .expect("herald starts");
-
-        // The start-up lines say where the users service listens.
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let base = loop {
-            let line = lines
-                .next()
-                .expect("herald printed its addresses before exiting")
-                .unwrap();
-            if let Some(rest) = line.strip_prefix("users") {
-                let url = rest.split_whitespace().next().unwrap();
-                break url.to_owned();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
-        Herald { child, base, log }
-    }
-
-    /// Everything herald logged so far.
-    fn logs(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap()
-    }
-
-    async fn register(&self, body: Value) -> (u16, Value) {
-        let response = client()
-            .post(format!("{}/user/register", self.base))
-            .json(&body)
-            .send()
-            .await
-            .expect("the users service answers");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(sent.success());
-        wait_with_timeout(&mut self.child, WAIT)
-    }
-}
-
-impl Drop for Herald {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_with_timeout(
-    child: &mut Child,
-    limit: Duration,
-) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(std::time::Instant::now() < deadline, "herald did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
 
 fn user(i: usize) -> Value {
     json!({
@@ -179,7 +79,7 @@ async fn twenty_concurrent_registrations_of_one_user_id_give_one_user_and_one_em
     let herald = Herald::start(data.path(), &[]);
     let mut attempts = tokio::task::JoinSet::new();
     for i in 0..20 {
-        let url = format!("{}/user/register", herald.base);
+        let url = format!("{}/user/register", herald.base());
         let body = json!({
             "user_id": "racer", "user_name": "Racer",
             "user_password": "correct horse battery",
@@ -299,7 +199,7 @@ async fn a_client_that_never_finishes_its_request_cannot_hold_up_shutdown() {
     let data = tempfile::tempdir().unwrap();
     let mut herald =
         Herald::start(data.path(), &["--shutdown-grace-secs", "1"]);
-    let address = herald.base.trim_start_matches("http://").to_owned();
+    let address = herald.base().trim_start_matches("http://").to_owned();
     let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
     stalled
         .write_all(b"POST /user/register HTTP/1.1\r\nHost: x\r\n")
@@ -320,7 +220,7 @@ async fn a_connection_that_never_finishes_its_headers_is_closed() {
 
     let data = tempfile::tempdir().unwrap();
     let herald = Herald::start(data.path(), &[]);
-    let address = herald.base.trim_start_matches("http://").to_owned();
+    let address = herald.base().trim_start_matches("http://").to_owned();
     let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
     stalled
         .write_all(b"POST /user/register HTTP/1.1\r\nHost: x\r\n")

@@ -16,7 +16,7 @@ pub mod sqlite;
 pub mod trace;
 pub mod worker;
 
-pub use broker::amqp::AmqpBroker;
+pub use broker::amqp::{AmqpBroker, ReconnectingAmqp};
 pub use broker::embedded::EmbeddedBroker;
 pub use broker::{Broker, BusError, DeadLetter, Delivery};
 pub use envelope::{DecodeError, Envelope, Event};
@@ -24,3 +24,32 @@ pub use trace::TraceContext;
 pub use worker::{
     Handler, HandlerError, RetryPolicy, Subscription, WorkerOptions,
 };
+
+/// An error and all its causes, as one line: `outer: cause: root cause`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A URL fit for logs: `scheme://user:secret@host` becomes
+/// `scheme://user:***@host`.
+pub fn redact_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}

@@ -99,7 +99,7 @@ impl SmtpRelay {
     /// offers it; port 587 unless given) or `smtps://...` (TLS from the
     /// first byte; port 465 unless given).
     pub fn from_url(url: &str) -> Result<Self, String> {
-        let display = redact_credentials(url);
+        let display = herald::redact_credentials(url);
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             format!("{display} is not an smtp:// or smtps:// URL")
         })?;
@@ -195,22 +195,6 @@ pub fn redact_addresses(text: &str) -> String {
         .join(" ")
 }
 
-/// `smtp://user:secret@host` becomes `smtp://user:***@host`.
-pub fn redact_credentials(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,7 +203,7 @@ mod tests {
     async fn credentials_never_show_in_the_description() {
         let url = "smtp://mailer:hunter22@mail.example.com:2525";
         assert_eq!(
-            redact_credentials(url),
+            herald::redact_credentials(url),
             "smtp://mailer:***@mail.example.com:2525"
         );
         let relay = SmtpRelay::from_url(url).unwrap();

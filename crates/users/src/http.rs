@@ -322,9 +322,9 @@ impl From<StoreError> for ApiError {
                 "no consumer is bound to user.registered".into(),
             ),
             StoreError::Database(e) if is_busy(&e) => {
-                ApiError::Unavailable(error_chain(&e))
+                ApiError::Unavailable(herald::error_chain(&e))
             }
-            other => ApiError::Unexpected(error_chain(&other)),
+            other => ApiError::Unexpected(herald::error_chain(&other)),
         }
     }
 }
@@ -334,17 +334,6 @@ fn is_busy(error: &sqlx::Error) -> bool {
         || error.as_database_error().is_some_and(|e| {
             e.message().contains("locked") || e.message().contains("busy")
         })
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[derive(Serialize)]

@@ -7,6 +7,7 @@
 pub mod domain;
 pub mod http;
 pub mod password;
+pub mod relay;
 pub mod store;
 
 use std::future::Future;

@@ -19,9 +19,10 @@
 //! the `x-herald-attempts` header; a redelivered message counts the
 //! attempt that was interrupted.
 //!
-//! This backend does not reconnect by itself yet: when the connection
-//! drops, operations fail with an error (never a silent success) and
-//! [`Broker::is_ready`] turns false until a new broker is connected.
+//! An [`AmqpBroker`] is one connection: when it drops, operations fail
+//! with an error (never a silent success) and [`Broker::is_ready`] turns
+//! false. [`ReconnectingAmqp`] wraps it for services: it connects again on
+//! the next operation and declares the topology anew.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -554,9 +555,7 @@ impl Broker for AmqpBroker {
     }
 
     fn is_ready(&self) -> BoxFuture<'_, bool> {
-        let connected = self.inner.connection.status().connected()
-            && self.inner.publisher.status().connected();
-        Box::pin(std::future::ready(connected))
+        Box::pin(std::future::ready(self.is_connected()))
     }
 }
 
@@ -650,5 +649,170 @@ fn header_u32(headers: &FieldTable, name: &str) -> Option<u32> {
         AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
         AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
         _ => None,
+    }
+}
+
+/// An [`AmqpBroker`] that reconnects: it connects on first use, and when
+/// the connection is found dropped, the next operation connects again and
+/// declares every binding made so far before going on. Deliveries taken on
+/// a connection that dropped can no longer be settled (RabbitMQ hands them
+/// out again), so settling one fails with [`BusError::LeaseLost`].
+///
+/// Callers drive the retries: a worker that fails to receive waits a
+/// moment and asks again; a relay that fails to publish backs off.
+#[derive(Clone)]
+pub struct ReconnectingAmqp {
+    inner: Arc<Supervisor>,
+}
+
+struct Supervisor {
+    url: String,
+    options: AmqpOptions,
+    current: tokio::sync::RwLock<Option<AmqpBroker>>,
+    /// One connection attempt at a time.
+    connecting: tokio::sync::Mutex<()>,
+    /// Every binding declared, to declare again after a reconnect.
+    bindings: Mutex<Vec<(String, Vec<String>)>>,
+}
+
+impl std::fmt::Debug for ReconnectingAmqp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReconnectingAmqp")
+            .field("url", &crate::redact_credentials(&self.inner.url))
+            .finish()
+    }
+}
+
+impl ReconnectingAmqp {
+    /// Prepares to connect to `url`; nothing is sent until first use.
+    pub fn new(url: &str, options: AmqpOptions) -> Self {
+        ReconnectingAmqp {
+            inner: Arc::new(Supervisor {
+                url: url.to_owned(),
+                options,
+                current: tokio::sync::RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                bindings: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The live connection, made anew if there is none.
+    async fn broker(&self) -> Result<AmqpBroker, BusError> {
+        if let Some(broker) = self.live().await {
+            return Ok(broker);
+        }
+        let _one_at_a_time = self.inner.connecting.lock().await;
+        if let Some(broker) = self.live().await {
+            return Ok(broker);
+        }
+
+        let broker = AmqpBroker::connect(&self.inner.url, self.inner.options)
+            .await
+            .inspect_err(|error| {
+                tracing::warn!(
+                    error = %crate::error_chain(error),
+                    "cannot reach RabbitMQ"
+                );
+            })?;
+        let bindings = self.inner.bindings.lock().unwrap().clone();
+        for (queue, types) in &bindings {
+            let types: Vec<&str> = types.iter().map(String::as_str).collect();
+            broker.declare(queue, &types).await?;
+        }
+        tracing::info!(
+            url = %crate::redact_credentials(&self.inner.url),
+            "connected to RabbitMQ"
+        );
+        *self.inner.current.write().await = Some(broker.clone());
+        Ok(broker)
+    }
+
+    async fn live(&self) -> Option<AmqpBroker> {
+        let current = self.inner.current.read().await;
+        current.as_ref().filter(|b| b.is_connected()).cloned()
+    }
+
+    /// The connection deliveries are settled on: the live one, if any.
+    async fn settling(&self) -> Result<AmqpBroker, BusError> {
+        self.live().await.ok_or(BusError::Closed)
+    }
+}
+
+impl AmqpBroker {
+    fn is_connected(&self) -> bool {
+        self.inner.connection.status().connected()
+            && self.inner.publisher.status().connected()
+    }
+}
+
+impl Broker for ReconnectingAmqp {
+    fn bind<'a>(
+        &'a self,
+        queue: &'a str,
+        event_types: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            {
+                let mut bindings = self.inner.bindings.lock().unwrap();
+                let types = event_types.iter().map(|t| t.to_string()).collect();
+                bindings.push((queue.to_owned(), types));
+            }
+            self.broker().await?.declare(queue, event_types).await
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move { self.broker().await?.publish(envelope).await })
+    }
+
+    fn receive<'a>(
+        &'a self,
+        queue: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BusError>> {
+        Box::pin(async move { self.broker().await?.receive(queue, max).await })
+    }
+
+    fn ack<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move { self.settling().await?.ack(delivery).await })
+    }
+
+    fn retry<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        delay: Duration,
+        error: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            self.settling().await?.retry(delivery, delay, error).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move { self.settling().await?.release(delivery).await })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            self.settling().await?.dead_letter(delivery, reason).await
+        })
+    }
+
+    fn is_ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move { self.live().await.is_some() })
     }
 }

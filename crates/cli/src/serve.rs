@@ -1,0 +1,91 @@
+//! `herald serve users` and `herald serve mailer`: one service in its own
+//! process, so each can run as several replicas.
+//!
+//! On the embedded bus, the services of one system share a data directory
+//! (one SQLite file); start the mailer once before the users service, so
+//! that its queue is bound before the first registration. On RabbitMQ each
+//! process has a data directory of its own: the users service's outbox,
+//! the mailer's record of what it sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::system::{
+    self, BusChoice, HttpArgs, MailArgs, Stopper, Store, StoreArgs,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum ServeCommand {
+    /// The users service: registrations over HTTP.
+    Users(UsersArgs),
+    /// The mailer: a welcome email for every registration.
+    Mailer(MailerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UsersArgs {
+    #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MailerArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    mail: MailArgs,
+}
+
+pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
+    match command {
+        ServeCommand::Users(args) => users(args).await,
+        ServeCommand::Mailer(args) => mailer(args).await,
+    }
+}
+
+async fn users(args: UsersArgs) -> anyhow::Result<()> {
+    let choice = BusChoice::parse(&args.store.broker)?;
+    let listener = system::listen(&args.http).await?;
+    let store = Store::open(&args.store).await?;
+    let bus = store.bus(&choice);
+
+    let grace = Duration::from_secs(args.store.shutdown_grace_secs);
+    let stopper = Stopper::new();
+    println!("herald serve users: data in {}", store.path.display());
+    let tasks =
+        system::start_users(&store, &bus, &choice, listener, grace, &stopper)
+            .await?;
+    system::run_until_signal(stopper, tasks, grace).await?;
+    store.db.close().await;
+    Ok(())
+}
+
+async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
+    let choice = BusChoice::parse(&args.store.broker)?;
+    let (from, transport) =
+        system::mail_transport(&args.mail, &args.store.data_dir)?;
+    let store = Store::open(&args.store).await?;
+    let bus = store.bus(&choice);
+    let mailer =
+        mailer::Mailer::open(store.db.clone(), from, transport).await?;
+    let subscription = system::bind_mailer_queue(&*bus).await?;
+
+    let grace = Duration::from_secs(args.store.shutdown_grace_secs);
+    let stopper = Stopper::new();
+    println!("herald serve mailer: data in {}", store.path.display());
+    println!("{}", system::mailer_line(&mailer, &choice));
+    let worker = system::spawn_worker(
+        bus,
+        subscription,
+        Arc::new(mailer),
+        grace,
+        &stopper,
+    );
+    system::run_until_signal(stopper, vec![("mailer", worker)], grace).await?;
+    store.db.close().await;
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! The pieces `herald up` and `herald serve` assemble: the flags they
+//! share, the store, the bus, each service, and the graceful stop.
+//!
+//! Every process keeps a SQLite database in its data directory. With the
+//! embedded bus it is the bus too; with RabbitMQ it is the users service's
+//! outbox and the mailer's record of what it sent.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use contracts::UserRegistered;
+use herald::broker::amqp::AmqpOptions;
+use herald::broker::embedded::EmbeddedOptions;
+use herald::sqlite::Database;
+use herald::worker::{self, Subscription, WorkerOptions};
+use herald::{
+    Broker, BusError, EmbeddedBroker, Event, Handler, ReconnectingAmqp,
+};
+use mailer::maildir::Maildir;
+use mailer::transport::{SmtpRelay, Transport};
+use mailer::{DEFAULT_FROM, Mailer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Where a process keeps its data and which bus it speaks to.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Directory for the database (herald.db) and, by default, the mail.
+    /// Created if missing.
+    #[arg(long, env = "HERALD_DATA_DIR", default_value = "./var")]
+    pub data_dir: PathBuf,
+
+    /// The event bus: `embedded` (in the data directory's database) or a
+    /// RabbitMQ URL, amqp://user:pass@host:port/vhost (or amqps://).
+    #[arg(
+        long,
+        env = "HERALD_BROKER",
+        default_value = "embedded",
+        hide_env_values = true
+    )]
+    pub broker: String,
+
+    /// Seconds a delivery stays leased to a consumer without renewal; how
+    /// long work held by a killed process waits before it is redelivered
+    /// (embedded bus).
+    #[arg(long, env = "HERALD_LEASE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub lease_secs: u64,
+
+    /// Seconds to let work in flight finish after SIGINT or SIGTERM.
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Where the users service listens.
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// Address the users service listens on.
+    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:5000")]
+    pub listen: String,
+}
+
+/// Where the mailer sends welcome emails.
+#[derive(Debug, Args)]
+pub struct MailArgs {
+    /// Maildir that welcome emails are written to [default: DATA_DIR/mail].
+    #[arg(long, env = "HERALD_MAIL_DIR")]
+    pub mail_dir: Option<PathBuf>,
+
+    /// Send mail over SMTP instead of to the Maildir:
+    /// smtp://[user:pass@]host[:port] (STARTTLS when offered) or smtps://.
+    #[arg(long, env = "HERALD_SMTP", hide_env_values = true)]
+    pub smtp: Option<String>,
+
+    /// The From of welcome emails.
+    #[arg(long, env = "HERALD_MAIL_FROM", default_value = DEFAULT_FROM)]
+    pub mail_from: String,
+}
+
+/// The bus a process was told to use.
+#[derive(Debug, Clone)]
+pub enum BusChoice {
+    Embedded,
+    Amqp(String),
+}
+
+impl BusChoice {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let text = text.trim();
+        if text.is_empty() || text == "embedded" {
+            Ok(BusChoice::Embedded)
+        } else if text.starts_with("amqp://") || text.starts_with("amqps://") {
+            Ok(BusChoice::Amqp(text.to_owned()))
+        } else {
+            anyhow::bail!(
+                "--broker must be `embedded` or an amqp:// or amqps:// URL, \
+                 not {:?}",
+                herald::redact_credentials(text)
+            )
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            BusChoice::Embedded => "embedded".to_owned(),
+            BusChoice::Amqp(url) => herald::redact_credentials(url),
+        }
+    }
+}
+
+/// The database of the data directory and the embedded bus in it.
+pub struct Store {
+    pub db: Database,
+    pub embedded: EmbeddedBroker,
+    pub path: PathBuf,
+}
+
+impl Store {
+    pub async fn open(args: &StoreArgs) -> anyhow::Result<Self> {
+        create_dir(&args.data_dir, "data directory")?;
+        let path = args.data_dir.join("herald.db");
+        let db = Database::open(&path)
+            .await
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let options = EmbeddedOptions {
+            lease: Duration::from_secs(args.lease_secs),
+            ..EmbeddedOptions::default()
+        };
+        let embedded = EmbeddedBroker::open(db.clone(), options)
+            .await
+            .context("cannot prepare the embedded bus")?;
+        Ok(Store { db, embedded, path })
+    }
+
+    /// The bus services publish to and consume from.
+    pub fn bus(&self, choice: &BusChoice) -> Arc<dyn Broker> {
+        match choice {
+            BusChoice::Embedded => Arc::new(self.embedded.clone()),
+            BusChoice::Amqp(url) => {
+                Arc::new(ReconnectingAmqp::new(url, AmqpOptions::default()))
+            }
+        }
+    }
+}
+
+/// Checks the mail flags and prepares the transport.
+pub fn mail_transport(
+    args: &MailArgs,
+    data_dir: &Path,
+) -> anyhow::Result<(lettre::message::Mailbox, Transport)> {
+    let from = args.mail_from.parse().with_context(|| {
+        format!(
+            "--mail-from {:?} is not a mailbox; give `address` or \
+             `Name <address>`",
+            args.mail_from
+        )
+    })?;
+    let transport = match args.smtp.as_deref().map(str::trim) {
+        Some("") | None => {
+            let dir = args.mail_dir.clone().unwrap_or(data_dir.join("mail"));
+            create_dir(&dir, "Maildir")?;
+            Transport::Maildir(Maildir::open(&dir).with_context(|| {
+                format!("cannot create the Maildir {}", dir.display())
+            })?)
+        }
+        Some(url) => Transport::Smtp(
+            SmtpRelay::from_url(url).map_err(anyhow::Error::msg)?,
+        ),
+    };
+    Ok((from, transport))
+}
+
+/// Binds the listener early, so a bad address fails before anything is
+/// written.
+pub async fn listen(args: &HttpArgs) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))
+}
+
+/// Makes sure the mailer's queue exists before any registration can be
+/// published, so that no event goes to nobody. With RabbitMQ down this
+/// waits, retrying, until it is up.
+pub async fn bind_mailer_queue(
+    bus: &dyn Broker,
+) -> anyhow::Result<Subscription> {
+    let subscription = mailer::subscription(WorkerOptions::default());
+    retry_until_done("bind the mailer's queue", || {
+        bus.bind(&subscription.queue, &subscription.event_types)
+    })
+    .await;
+    Ok(subscription)
+}
+
+async fn retry_until_done<F, Fut>(what: &str, mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), BusError>>,
+{
+    let mut wait = Duration::from_millis(250);
+    while let Err(error) = attempt().await {
+        tracing::warn!(
+            error = %herald::error_chain(&error),
+            "cannot {what} yet; retrying in {wait:?}"
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Tells every part of the process when to stop.
+pub struct Stopper {
+    stop: watch::Sender<bool>,
+}
+
+impl Stopper {
+    pub fn new() -> Self {
+        Stopper {
+            stop: watch::Sender::new(false),
+        }
+    }
+
+    /// A future that completes when the stop is given.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stop.subscribe();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    }
+
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Runs `handler` over `subscription` on `bus` until the stop.
+pub fn spawn_worker(
+    bus: Arc<dyn Broker>,
+    mut subscription: Subscription,
+    handler: Arc<dyn Handler>,
+    grace: Duration,
+    stopper: &Stopper,
+) -> JoinHandle<anyhow::Result<()>> {
+    subscription.options.shutdown_grace = grace;
+    task(worker::run(bus, subscription, handler, stopper.stopped()))
+}
+
+/// Starts the users service on `listener`, and, when the bus is not the
+/// embedded one, the relay that carries its outbox to the bus.
+pub async fn start_users(
+    store: &Store,
+    bus: &Arc<dyn Broker>,
+    choice: &BusChoice,
+    listener: TcpListener,
+    grace: Duration,
+    stopper: &Stopper,
+) -> anyhow::Result<Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>> {
+    let users = users::Users::open(store.embedded.clone())
+        .await
+        .context("cannot prepare the users service")?;
+    let mut tasks = Vec::new();
+    if let BusChoice::Amqp(_) = choice {
+        let subscription = users::relay::subscription();
+        store
+            .embedded
+            .bind(&subscription.queue, &subscription.event_types)
+            .await
+            .context("cannot bind the outbox")?;
+        let relay = Arc::new(users::relay::Relay::new(bus.clone()));
+        let outbox: Arc<dyn Broker> = Arc::new(store.embedded.clone());
+        tasks.push((
+            "outbox relay",
+            spawn_worker(outbox, subscription, relay, grace, stopper),
+        ));
+    }
+    let address = listener.local_addr()?;
+    println!(
+        "users    http://{address}  POST /user/register, GET /healthz, \
+         GET /readyz"
+    );
+    tasks.push((
+        "users service",
+        task(users::serve(users, listener, stopper.stopped())),
+    ));
+    Ok(tasks)
+}
+
+/// The line that tells a person where the mailer's mail goes.
+pub fn mailer_line(mailer: &Mailer, bus: &BusChoice) -> String {
+    format!(
+        "mailer   {} from queue {} on {} -> {}",
+        UserRegistered::TYPE,
+        mailer::QUEUE,
+        bus.describe(),
+        mailer.transport().describe()
+    )
+}
+
+/// Waits for SIGINT or SIGTERM, then stops everything within the grace
+/// period: what is still open after it is cut off (a client that never
+/// finishes its request cannot hold the process), and what was not
+/// delivered waits in its queue.
+pub async fn run_until_signal(
+    stopper: Stopper,
+    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    shutdown_signal().await;
+    tracing::info!(
+        "shutting down: finishing requests and deliveries in flight"
+    );
+    stopper.stop();
+
+    // Workers hand back what they hold at their own deadline; a moment
+    // more lets them say so before they are cut off.
+    let limit = grace + Duration::from_secs(2);
+    let mut failure = None;
+    for (what, task) in tasks {
+        if let Some(Err(error)) = finish_within(limit, task, what).await {
+            failure.get_or_insert(error.context(format!("the {what} failed")));
+        }
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+/// Waits for `task` until `grace` has passed, then aborts it. `None` when
+/// it had to be aborted or panicked.
+async fn finish_within<T>(
+    grace: Duration,
+    mut task: JoinHandle<T>,
+    what: &str,
+) -> Option<T> {
+    match tokio::time::timeout(grace, &mut task).await {
+        Ok(Ok(outcome)) => Some(outcome),
+        Ok(Err(panicked)) => {
+            tracing::error!(error = %panicked, "the {what} task failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the {what} did not stop within {grace:?}; cutting it off"
+            );
+            task.abort();
+            None
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate =
+            signal(SignalKind::terminate()).expect("can listen for SIGTERM");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+/// Creates `dir` if needed, and says plainly when the path is taken by
+/// something that is not a directory.
+pub fn create_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "the {what} {} exists and is not a directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the {what} {}", dir.display()))
+}
+
+/// Adapts a worker's or a server's result for [`run_until_signal`].
+pub fn task<E>(
+    future: impl Future<Output = Result<(), E>> + Send + 'static,
+) -> JoinHandle<anyhow::Result<()>>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::spawn(async move { future.await.map_err(anyhow::Error::from) })
+}
