@@ -143,6 +143,70 @@ async fn consumption_resumes_after_the_broker_closes_every_connection() {
     assert_eq!(testkit::count_files(&cluster.new_mail()), 15);
 }
 
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_mailer_killed_mid_stream_loses_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    purge_mailer_queue();
+    let mut cluster = Cluster::start();
+    let run = uuid_run();
+    const N: usize = 40;
+    cluster.register(&run, 0..N / 2).await;
+    cluster.mailers.remove(0).kill();
+    cluster.register(&run, N / 2..N).await;
+
+    let found = mail_count_reaches(&cluster.new_mail(), N).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(found, N);
+    assert_eq!(testkit::count_files(&cluster.new_mail()), N);
+}
+
+/// Starts RabbitMQ's application again however the test ends.
+struct RestartOnDrop;
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn registrations_made_while_rabbitmq_is_stopped_are_mailed_once_it_is_back()
+ {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    purge_mailer_queue();
+    let cluster = Cluster::start();
+    let run = uuid_run();
+    cluster.register(&run, 0..5).await;
+    assert_eq!(mail_count_reaches(&cluster.new_mail(), 5).await, 5);
+
+    let restart = RestartOnDrop;
+    let stopped = Command::new("rabbitmqctl")
+        .arg("stop_app")
+        .output()
+        .unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    // Registrations are still accepted: they wait in the outbox.
+    cluster.register(&run, 5..15).await;
+    let started = Command::new("rabbitmqctl")
+        .arg("start_app")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    drop(restart);
+
+    // No process restarted; each reconnects and the outbox drains.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while testkit::count_files(&cluster.new_mail()) < 15
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(testkit::count_files(&cluster.new_mail()), 15);
+}
+
 fn uuid_run() -> String {
     format!("run{}", std::process::id() ^ fastrand_seed())
 }
