@@ -261,11 +261,12 @@ pub async fn start_users(
     grace: Duration,
     stopper: &Stopper,
 ) -> anyhow::Result<Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>> {
-    let users = users::Users::open(store.embedded.clone())
+    let mut users = users::Users::open(store.embedded.clone())
         .await
         .context("cannot prepare the users service")?;
     let mut tasks = Vec::new();
     if let BusChoice::Amqp(_) = choice {
+        users = users.relayed_to(bus.clone());
         let subscription = users::relay::subscription();
         store
             .embedded

@@ -116,7 +116,17 @@ async fn two_users_and_two_mailer_replicas_send_exactly_one_email_each() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(found, N);
     assert_eq!(testkit::count_files(&cluster.new_mail()), N);
-    drop(cluster.mailers);
+
+    // Readiness reports the broker the outbox is relayed to.
+    let ready: serde_json::Value = support::client()
+        .get(format!("{}/readyz", cluster.users[0].base()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["broker"], true, "{ready}");
 }
 
 #[tokio::test]

@@ -266,9 +266,13 @@ async fn readyz(State(users): State<Users>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let mut checks = json!({ "store": store, "bus": bus });
+    if let Some(broker) = users.relay_target_ready().await {
+        checks["broker"] = json!(broker);
+    }
     let body = json!({
         "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
-        "checks": { "store": store, "bus": bus },
+        "checks": checks,
     });
     (status, Json(body)).into_response()
 }

@@ -11,6 +11,7 @@ pub mod relay;
 pub mod store;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,11 +25,21 @@ use crate::password::Hasher;
 use crate::store::UserStore;
 
 /// The service's shared state: its store, its bus and its hasher.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Users {
     store: UserStore,
     broker: EmbeddedBroker,
     hasher: Hasher,
+    /// The network broker the outbox is relayed to, if any: reported by
+    /// readiness, but not required, since registrations wait in the
+    /// outbox while it is away.
+    relayed_to: Option<Arc<dyn Broker>>,
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Users").field("store", &self.store).finish()
+    }
 }
 
 impl Users {
@@ -39,7 +50,23 @@ impl Users {
             store,
             broker,
             hasher: Hasher::per_core(),
+            relayed_to: None,
         })
+    }
+
+    /// Notes the broker the outbox is relayed to, for readiness.
+    pub fn relayed_to(mut self, broker: Arc<dyn Broker>) -> Self {
+        self.relayed_to = Some(broker);
+        self
+    }
+
+    /// Whether the broker the outbox is relayed to is connected; `None`
+    /// when events stay on the embedded bus.
+    pub async fn relay_target_ready(&self) -> Option<bool> {
+        match &self.relayed_to {
+            Some(broker) => Some(broker.is_ready().await),
+            None => None,
+        }
     }
 
     pub fn router(&self) -> axum::Router {
