@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
 #[derive(Debug, Parser)]
@@ -73,15 +73,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(args).await,
         Command::Serve(command) => serve::run(command).await,
-        Command::Bench(command) => bench::run(command).await,
+        // Interrupted, the bench still stops the system it started.
+        Command::Bench(command) => tokio::select! {
+            outcome = bench::run(command) => outcome,
+            _ = system::shutdown_signal() => anyhow::bail!("interrupted"),
+        },
     }
 }
 
 /// Logs go to stderr, filtered by `filter`; stdout is kept for the lines
 /// meant for people.
 fn init_logging(filter: &str) -> Result<(), String> {
-    let targets = Targets::from_str(filter)
-        .map_err(|e| format!("invalid --log filter {filter:?}: {e}"))?;
+    let invalid =
+        |why: String| format!("invalid --log filter {filter:?}: {why}");
+    // A bare word is a level, never a target: `infoo` is a typo, and
+    // taking it as a target would silently turn every log off.
+    for directive in filter.split(',').map(str::trim) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        LevelFilter::from_str(level).map_err(|_| {
+            invalid(format!(
+                "{level:?} is not a level (trace, debug, info, warn, error, off)"
+            ))
+        })?;
+    }
+    let targets =
+        Targets::from_str(filter).map_err(|e| invalid(e.to_string()))?;
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()

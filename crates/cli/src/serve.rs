@@ -55,7 +55,10 @@ async fn users(args: UsersArgs) -> anyhow::Result<()> {
 
     let grace = Duration::from_secs(args.store.shutdown_grace_secs);
     let stopper = Stopper::new();
-    println!("herald serve users: data in {}", store.path.display());
+    system::say(&format!(
+        "herald serve users: data in {}",
+        store.path.display()
+    ));
     let tasks =
         system::start_users(&store, &bus, &choice, listener, grace, &stopper)
             .await?;
@@ -76,8 +79,11 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
 
     let grace = Duration::from_secs(args.store.shutdown_grace_secs);
     let stopper = Stopper::new();
-    println!("herald serve mailer: data in {}", store.path.display());
-    println!("{}", system::mailer_line(&mailer, &choice));
+    system::say(&format!(
+        "herald serve mailer: data in {}",
+        store.path.display()
+    ));
+    system::say(&system::mailer_line(&mailer, &choice));
     let worker = system::spawn_worker(
         bus,
         subscription,

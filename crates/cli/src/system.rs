@@ -176,6 +176,13 @@ pub fn mail_transport(
     Ok((from, transport))
 }
 
+/// Prints a line for people on stdout. A closed stdout (`herald up | head`)
+/// is no reason to stop serving, so a failed write is ignored.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 /// Binds the listener early, so a bad address fails before anything is
 /// written.
 pub async fn listen(args: &HttpArgs) -> anyhow::Result<TcpListener> {
@@ -281,10 +288,10 @@ pub async fn start_users(
         ));
     }
     let address = listener.local_addr()?;
-    println!(
+    say(&format!(
         "users    http://{address}  POST /user/register, GET /healthz, \
          GET /readyz"
-    );
+    ));
     tasks.push((
         "users service",
         task(users::serve(users, listener, stopper.stopped())),
@@ -321,12 +328,24 @@ pub async fn run_until_signal(
     // Workers hand back what they hold at their own deadline; a moment
     // more lets them say so before they are cut off.
     let limit = grace + Duration::from_secs(2);
-    let mut failure = None;
-    for (what, task) in tasks {
-        if let Some(Err(error)) = finish_within(limit, task, what).await {
-            failure.get_or_insert(error.context(format!("the {what} failed")));
+    let finish_all = async {
+        let mut failure = None;
+        for (what, task) in tasks {
+            if let Some(Err(error)) = finish_within(limit, task, what).await {
+                failure
+                    .get_or_insert(error.context(format!("the {what} failed")));
+            }
         }
-    }
+        failure
+    };
+    // A second signal means "now": stop waiting. Work left in flight is
+    // delivered again later, as after a crash.
+    let failure = tokio::select! {
+        failure = finish_all => failure,
+        _ = shutdown_signal() => Some(anyhow::anyhow!(
+            "stopped at a second signal without finishing the work in flight"
+        )),
+    };
     match failure {
         Some(error) => Err(error),
         None => {
@@ -360,7 +379,7 @@ async fn finish_within<T>(
 }
 
 /// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -36,11 +36,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let grace = Duration::from_secs(args.store.shutdown_grace_secs);
     let stopper = Stopper::new();
-    println!("herald up: data in {}", store.path.display());
+    system::say(&format!("herald up: data in {}", store.path.display()));
     let mut tasks =
         system::start_users(&store, &bus, &choice, listener, grace, &stopper)
             .await?;
-    println!("{}", system::mailer_line(&mailer, &choice));
+    system::say(&system::mailer_line(&mailer, &choice));
     tasks.push((
         "mailer",
         system::spawn_worker(

@@ -292,6 +292,17 @@ fn every_flag_of_up_is_documented_with_its_environment_variable() {
 }
 
 #[test]
+fn a_mistyped_log_level_is_refused_rather_than_silencing_the_logs() {
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--log", "infoo", "up", "--listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not a level"), "{stderr}");
+}
+
+#[test]
 fn a_bad_flag_value_is_a_clear_error_and_a_failing_exit() {
     let data = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_herald"))

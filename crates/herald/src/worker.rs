@@ -275,12 +275,23 @@ async fn settle(
         }) => {
             let delay =
                 retry_after.unwrap_or_else(|| options.retry.backoff(attempt));
-            tracing::info!(
-                event_type,
-                reason,
-                retry_in_ms = delay.as_millis() as u64,
-                "transient failure; will retry"
-            );
+            // One failure is routine; a run of them is worth a warning
+            // before the message runs out of attempts.
+            if attempt >= 3 {
+                tracing::warn!(
+                    event_type,
+                    reason,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "failing repeatedly; will retry"
+                );
+            } else {
+                tracing::info!(
+                    event_type,
+                    reason,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "transient failure; will retry"
+                );
+            }
             broker.retry(&delivery, delay, &reason).await
         }
     };

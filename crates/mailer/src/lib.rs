@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use contracts::UserRegistered;
 use herald::broker::BoxFuture;
 use herald::sqlite::{Database, Migration};
-use herald::worker::{Subscription, WorkerOptions};
+use herald::worker::{RetryPolicy, Subscription, WorkerOptions};
 use herald::{Delivery, Event, Handler, HandlerError};
 use lettre::Message;
 use lettre::message::header::{HeaderName, HeaderValue};
@@ -66,11 +66,22 @@ enum Claim {
 }
 
 /// The mailer's subscription: `user.registered.v1` on the `mailer` queue.
+///
+/// A mail server can be away for a while, so a welcome email is tried 16
+/// times, for about half an hour on average (full jitter between 1 s and
+/// 10 min) before it is dead-lettered: long enough to outlast a restart
+/// or a short outage.
 pub fn subscription(options: WorkerOptions) -> Subscription {
     Subscription {
         queue: QUEUE.to_owned(),
         event_types: vec![UserRegistered::TYPE],
-        options,
+        options: WorkerOptions {
+            retry: RetryPolicy {
+                max_attempts: 16,
+                ..options.retry
+            },
+            ..options
+        },
     }
 }
 
@@ -111,12 +122,9 @@ impl Mailer {
         let message = welcome_message(&self.from, &event, envelope.id, time)?;
 
         // Make sure no other handler is sending, or has sent, this email.
-        match self.claim(envelope.id).await? {
-            Claim::Owned => {}
-            Claim::TakenOver => tracing::warn!(
-                "an earlier send of this email was interrupted and may have \
-                 gone out; sending again with the same Message-ID"
-            ),
+        let claim = self.claim(envelope.id).await?;
+        match claim {
+            Claim::Owned | Claim::TakenOver => {}
             Claim::Sent => {
                 tracing::info!("welcome email already sent; skipping");
                 return Ok(());
@@ -132,7 +140,15 @@ impl Mailer {
         }
 
         // A Maildir can tell whether a crashed attempt already wrote it.
-        if !self.transport.already_delivered(&name) {
+        if self.transport.already_delivered(&name) {
+            tracing::info!("an interrupted send had written the email already");
+        } else {
+            if claim == Claim::TakenOver {
+                tracing::warn!(
+                    "an earlier send of this email was interrupted and may \
+                     have gone out; sending again with the same Message-ID"
+                );
+            }
             let sent = self
                 .renewing_claim(
                     envelope.id,

@@ -145,17 +145,17 @@ impl SmtpRelay {
         .await;
         match sent {
             Ok(Ok(_)) => Ok(()),
-            // Replies often quote the recipient; logs and dead letters get
-            // the reply without the address.
+            // A reply's text often quotes the recipient, in any form;
+            // logs and dead letters get its codes only.
             Ok(Err(e)) if e.is_permanent() => {
                 Err(SendError::Permanent(format!(
                     "the SMTP server refused the message: {}",
-                    redact_addresses(&e.to_string())
+                    describe(&e)
                 )))
             }
             Ok(Err(e)) => Err(SendError::Transient(format!(
                 "SMTP delivery failed: {}",
-                redact_addresses(&e.to_string())
+                describe(&e)
             ))),
             Err(_) => Err(SendError::Transient(format!(
                 "SMTP delivery took longer than {SMTP_SEND_TIMEOUT:?}"
@@ -181,18 +181,38 @@ fn split_host_port(text: &str) -> Option<(String, Option<u16>)> {
     (!host.is_empty()).then(|| (host.to_owned(), port))
 }
 
-/// Replaces every word that holds an `@` with `<address>`.
-pub fn redact_addresses(text: &str) -> String {
-    text.split(' ')
-        .map(|word| {
-            if word.contains('@') {
-                "<address>"
-            } else {
-                word
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+/// An SMTP failure without anything the server said in prose: a reply
+/// becomes its code and enhanced status code (`reply 550 5.1.1`); other
+/// failures (refused connections, TLS, timeouts) keep their description,
+/// which comes from this side, not the server.
+fn describe(error: &lettre::transport::smtp::Error) -> String {
+    let Some(code) = error.status() else {
+        return herald::error_chain(error);
+    };
+    let kind = if error.is_permanent() {
+        "permanent"
+    } else {
+        "transient"
+    };
+    let text = error.to_string();
+    let enhanced = text
+        .split_whitespace()
+        .map(|word| word.trim_end_matches(':'))
+        .find(|word| is_enhanced_status(word));
+    match enhanced {
+        Some(status) => format!("{kind} reply {code} {status}"),
+        None => format!("{kind} reply {code}"),
+    }
+}
+
+/// `5.1.1`-style enhanced status codes (RFC 3463).
+fn is_enhanced_status(word: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && matches!(parts[0], "2" | "4" | "5")
 }
 
 #[cfg(test)]
@@ -212,13 +232,12 @@ mod tests {
     }
 
     #[test]
-    fn addresses_in_server_replies_are_redacted() {
-        let reply = "permanent error (550): 5.1.1 <eve@example.com>: \
-                     Recipient address rejected";
-        assert_eq!(
-            redact_addresses(reply),
-            "permanent error (550): 5.1.1 <address> Recipient address rejected"
-        );
+    fn enhanced_status_codes_are_recognised() {
+        assert!(is_enhanced_status("5.1.1"));
+        assert!(is_enhanced_status("4.7.0"));
+        assert!(!is_enhanced_status("zelda.secret.1"));
+        assert!(!is_enhanced_status("1.2.3"));
+        assert!(!is_enhanced_status("5.1"));
     }
 
     #[tokio::test]

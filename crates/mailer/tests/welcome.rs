@@ -306,3 +306,69 @@ async fn mail_waits_while_the_smtp_server_is_down_and_goes_when_it_is_back() {
     assert_eq!(mails.len(), 1);
     pipeline.drain().await;
 }
+
+/// An SMTP server on loopback that refuses every recipient with `reply`.
+async fn refusing_smtp_server(reply: &'static str) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 mock ready\r\n").await.ok()?;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line.to_ascii_uppercase();
+                    let answer = if verb.starts_with("EHLO") {
+                        "250 mock\r\n"
+                    } else if verb.starts_with("RCPT") {
+                        reply
+                    } else if verb.starts_with("QUIT") {
+                        "221 bye\r\n"
+                    } else {
+                        "250 ok\r\n"
+                    };
+                    write.write_all(answer.as_bytes()).await.ok()?;
+                }
+                Some(())
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_refused_recipient_is_dead_lettered_without_the_address() {
+    let port =
+        refusing_smtp_server("550 5.1.1 user zelda.secret unknown\r\n").await;
+    let url = format!("smtp://127.0.0.1:{port}");
+    let pipeline = Pipeline::start(|_| {
+        Transport::Smtp(SmtpRelay::from_url(&url).unwrap())
+    })
+    .await;
+    pipeline
+        .publish(&registered(
+            "Zelda",
+            "zelda.secret@example.com",
+            Locale::English,
+        ))
+        .await;
+
+    let mut dead = Vec::new();
+    for _ in 0..400 {
+        dead = pipeline.broker.dead_letters(mailer::QUEUE).await.unwrap();
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(dead.len(), 1, "a 5xx reply is permanent");
+    let reason = &dead[0].reason;
+    assert!(
+        reason.contains("550") && reason.contains("5.1.1"),
+        "{reason}"
+    );
+    assert!(!reason.contains("zelda"), "{reason}");
+}

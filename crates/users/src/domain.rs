@@ -135,24 +135,19 @@ fn reorders_text(c: char) -> bool {
         | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
-/// Characters that render as nothing: whitespace, zero-width marks and
-/// the blank fillers some scripts have.
+/// Characters that render as nothing: whitespace, Unicode's default
+/// ignorable code points (zero-width marks, variation selectors, tags,
+/// invisible operators) and the blank fillers some scripts have.
 fn is_invisible(c: char) -> bool {
     c.is_whitespace()
-        || matches!(
-            c,
-            '\u{200B}'
-                ..='\u{200D}'
-                    | '\u{2060}'
-                    | '\u{FEFF}'
-                    | '\u{00AD}'
-                    | '\u{034F}'
-                    | '\u{115F}'
-                    | '\u{1160}'
-                    | '\u{2800}'
-                    | '\u{3164}'
-                    | '\u{FFA0}'
-        )
+        || matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}'
+            | '\u{17B4}' | '\u{17B5}' | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{2800}' | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}' | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
 /// A password as the user typed it: 8 to 1,024 characters. Its `Debug`

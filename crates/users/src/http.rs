@@ -183,10 +183,14 @@ fn optional<'a>(
 /// compressed: anything else would be misread, so it is refused up front.
 fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let refuse = |why: &str| Err(ApiError::UnsupportedMediaType(why.into()));
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
+    let mut content_types = headers.get_all(header::CONTENT_TYPE).iter();
+    let content_type = content_types
+        .next()
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    if content_types.next().is_some() {
+        return refuse("send one Content-Type, application/json");
+    }
     let mut parts = content_type.split(';');
     let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
     let json = essence == "application/json"
@@ -203,10 +207,23 @@ fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
         return refuse("only UTF-8 JSON is accepted");
     }
 
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
-    if encoding.is_some_and(|e| e != "identity") {
+    // Every coding named in every Content-Encoding or Transfer-Encoding
+    // header must be one that leaves the bytes as they are.
+    let codings = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    let compressed = codings(header::CONTENT_ENCODING)
+        .iter()
+        .any(|c| c != "identity")
+        || codings(header::TRANSFER_ENCODING)
+            .iter()
+            .any(|c| c != "chunked" && c != "identity");
+    if compressed {
         return refuse("compressed bodies are not accepted; send plain JSON");
     }
     Ok(())
@@ -236,6 +253,11 @@ async fn read_limited(
 }
 
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(ApiError::UnsupportedMediaType(
+            "the body is not UTF-8; only UTF-8 JSON is accepted".into(),
+        ));
+    }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(fields)) => Ok(fields),
         Ok(_) => {

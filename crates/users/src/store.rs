@@ -126,7 +126,7 @@ impl UserStore {
         let envelope = Envelope::new(SOURCE, &event, Some(trace))?;
 
         let mut tx = self.db().begin().await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO users (user_id, user_name, email, email_key,
                  password_hash, locale, registered_at)
              VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -139,8 +139,11 @@ impl UserStore {
         .bind(user.locale.tag())
         .bind(envelope.time.to_rfc3339())
         .execute(&mut *tx)
-        .await
-        .map_err(unique_violation)?;
+        .await;
+        if let Err(error) = inserted {
+            drop(tx);
+            return Err(self.explain_conflict(error, user).await);
+        }
         EmbeddedBroker::stage(&mut tx, &envelope).await?;
         tx.commit().await?;
 
@@ -154,20 +157,25 @@ impl UserStore {
     }
 }
 
-/// Turns a unique-constraint failure into the field that collided.
-fn unique_violation(error: sqlx::Error) -> StoreError {
-    let taken = error
-        .as_database_error()
-        .filter(|e| e.is_unique_violation())
-        .map(|e| {
-            if e.message().contains("email_key") {
-                Taken::Email
-            } else {
-                Taken::UserId
-            }
-        });
-    match taken {
-        Some(taken) => StoreError::Taken(taken),
-        None => StoreError::Database(error),
+impl UserStore {
+    /// Says which field a failed insert collided on. SQLite reports
+    /// whichever unique index it checked first, so when both collide the
+    /// answer would depend on timing; asking again names the user id
+    /// first, as a request made a moment later would be told.
+    async fn explain_conflict(
+        &self,
+        error: sqlx::Error,
+        user: &NewUser,
+    ) -> StoreError {
+        let unique = error
+            .as_database_error()
+            .is_some_and(|e| e.is_unique_violation());
+        if !unique {
+            return StoreError::Database(error);
+        }
+        match self.find_taken(&user.user_id, &user.email).await {
+            Ok(Some(taken)) => StoreError::Taken(taken),
+            _ => StoreError::Taken(Taken::UserId),
+        }
     }
 }

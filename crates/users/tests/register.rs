@@ -436,6 +436,52 @@ async fn twenty_concurrent_registrations_of_one_user_id_create_one_user() {
     assert_eq!(app.events().await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_taken_address_style_user_id_is_reported_as_the_user_id_however_it_races()
+ {
+    let app = spawn_app().await;
+    let mut attempts = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        // The same address-style id in different letter cases: both the
+        // id and the address it stands for collide.
+        let id: String = "samecase@example.com"
+            .chars()
+            .enumerate()
+            .map(|(n, c)| {
+                if (n + i) % 2 == 0 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let router = app.users.router();
+        let body = with(alice(), "user_id", json!(id));
+        attempts.spawn(async move {
+            let request = Request::post("/user/register")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let response = router.oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            (status, body["error"]["field"].as_str().map(str::to_owned))
+        });
+    }
+    let outcomes = attempts.join_all().await;
+    let created = outcomes.iter().filter(|(s, _)| *s == StatusCode::CREATED);
+    assert_eq!(created.count(), 1, "{outcomes:?}");
+    for (status, field) in
+        outcomes.iter().filter(|(s, _)| *s != StatusCode::CREATED)
+    {
+        assert_eq!(*status, StatusCode::CONFLICT);
+        assert_eq!(field.as_deref(), Some("user_id"), "{outcomes:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_body_over_16_kib_is_refused_with_413() {
     let app = spawn_app().await;
