@@ -77,6 +77,18 @@ impl Pipeline {
         self.broker.publish(envelope).await.unwrap();
     }
 
+    /// The queue's dead letters, once there is one.
+    async fn wait_for_dead_letter(&self) -> Vec<herald::DeadLetter> {
+        for _ in 0..400 {
+            let dead = self.broker.dead_letters(mailer::QUEUE).await.unwrap();
+            if !dead.is_empty() {
+                return dead;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Vec::new()
+    }
+
     /// Stops the worker, which first finishes what it holds.
     async fn drain(self) -> tempfile::TempDir {
         for _ in 0..400 {
@@ -224,14 +236,7 @@ async fn an_event_with_an_unusable_address_is_dead_lettered() {
     pipeline
         .publish(&registered("Eve", "not an address", Locale::English))
         .await;
-    let mut dead = Vec::new();
-    for _ in 0..400 {
-        dead = pipeline.broker.dead_letters(mailer::QUEUE).await.unwrap();
-        if !dead.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let dead = pipeline.wait_for_dead_letter().await;
     assert_eq!(dead.len(), 1);
     assert!(dead[0].reason.contains("address"), "{}", dead[0].reason);
     assert_eq!(dead[0].attempts, 1);
@@ -356,14 +361,7 @@ async fn a_refused_recipient_is_dead_lettered_without_the_address() {
         ))
         .await;
 
-    let mut dead = Vec::new();
-    for _ in 0..400 {
-        dead = pipeline.broker.dead_letters(mailer::QUEUE).await.unwrap();
-        if !dead.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let dead = pipeline.wait_for_dead_letter().await;
     assert_eq!(dead.len(), 1, "a 5xx reply is permanent");
     let reason = &dead[0].reason;
     assert!(
