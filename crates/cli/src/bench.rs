@@ -51,6 +51,16 @@ pub struct BusArgs {
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
 
+    /// `embedded`, or a RabbitMQ URL: then raw lapin doing the same work
+    /// on the same broker is measured too, as the ceiling.
+    #[arg(
+        long,
+        env = "HERALD_BROKER",
+        default_value = "embedded",
+        hide_env_values = true
+    )]
+    broker: String,
+
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,

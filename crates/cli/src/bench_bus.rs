@@ -1,29 +1,41 @@
-//! `herald bench bus`: events through the embedded bus, end to end.
+//! `herald bench bus`: events through the bus, end to end.
 //!
-//! Publishers commit events one by one (each publish is durable when it
-//! returns); a worker receives them in batches, runs a handler that does
-//! nothing, and acknowledges each. The clock runs from the first publish to
-//! the last acknowledgement.
+//! Publishers publish events one by one (each publish is durable when it
+//! returns: committed, or confirmed by RabbitMQ); a worker receives them,
+//! runs a handler that does nothing, and acknowledges each. The clock runs
+//! from the first publish to the last acknowledgement.
+//!
+//! On RabbitMQ the same run measures the ceiling below herald: raw lapin
+//! publishing with a confirm per message and consuming with an ack per
+//! message, with the same publishers, prefetch and payloads, on the same
+//! broker.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use futures_lite::StreamExt;
 use herald::broker::BoxFuture;
+use herald::broker::amqp::AmqpOptions;
 use herald::broker::embedded::EmbeddedOptions;
 use herald::sqlite::Database;
 use herald::worker::{self, WorkerOptions};
 use herald::{
-    Broker, Delivery, EmbeddedBroker, Envelope, Handler, HandlerError,
-    Subscription,
+    AmqpBroker, Broker, Delivery, EmbeddedBroker, Envelope, Handler,
+    HandlerError, Subscription,
 };
-use serde_json::json;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
 use super::BusArgs;
-
-const EVENT_TYPE: &str = "bench.event.v1";
-const QUEUE: &str = "bench";
+use crate::system::BusChoice;
 
 /// Counts deliveries and says when the last one arrived.
 struct Counter {
@@ -46,12 +58,101 @@ impl Handler for Counter {
     }
 }
 
-pub async fn run(args: BusArgs) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let db = Database::open(&dir.path().join("bench.db")).await?;
-    let broker = EmbeddedBroker::open(db, EmbeddedOptions::default()).await?;
-    broker.bind(QUEUE, &[EVENT_TYPE]).await?;
+/// One measured run: events per second end to end and publishing alone.
+struct Rates {
+    end_to_end: f64,
+    publish: f64,
+}
 
+pub async fn run(args: BusArgs) -> anyhow::Result<()> {
+    let choice = BusChoice::parse(&args.broker)?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let queue = format!("herald-bench-{run_id}");
+    let event_type: &'static str =
+        Box::leak(format!("bench.{run_id}.v1").into_boxed_str());
+    eprintln!(
+        "{} events of {} bytes, {} publishers, {} handlers, on {}",
+        args.events,
+        args.size,
+        args.publishers,
+        args.concurrency,
+        choice.describe()
+    );
+
+    let dir = tempfile::tempdir()?;
+    let (herald, ceiling) = match &choice {
+        BusChoice::Embedded => {
+            let db = Database::open(&dir.path().join("bench.db")).await?;
+            let broker =
+                EmbeddedBroker::open(db, EmbeddedOptions::default()).await?;
+            let rates =
+                through_herald(Arc::new(broker), &queue, event_type, &args)
+                    .await?;
+            (rates, None)
+        }
+        BusChoice::Amqp(url) => {
+            let options = AmqpOptions {
+                prefetch: args.concurrency.clamp(1, 65_535) as u16,
+                ..AmqpOptions::default()
+            };
+            let broker = AmqpBroker::connect(url, options).await?;
+            let rates = through_herald(
+                Arc::new(broker.clone()),
+                &queue,
+                event_type,
+                &args,
+            )
+            .await;
+            delete_queues(url, &AmqpBroker::queues_of(&queue)).await;
+            broker.close().await;
+            let raw = raw_lapin(url, &format!("{queue}-raw"), &args).await;
+            delete_queues(url, &[format!("{queue}-raw")]).await;
+            (rates?, Some(raw?))
+        }
+    };
+
+    let report = json!({
+        "events": args.events,
+        "size": args.size,
+        "broker": choice.describe(),
+        "herald": rates_json(&herald),
+        "ceiling": ceiling.as_ref().map(rates_json),
+        "ratio": ceiling.as_ref().map(|c| herald.end_to_end / c.end_to_end),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "herald:    {:>9.0} events/s end to end, {:>9.0}/s publishing",
+        herald.end_to_end, herald.publish
+    );
+    if let Some(ceiling) = &ceiling {
+        println!(
+            "raw lapin: {:>9.0} events/s end to end, {:>9.0}/s publishing",
+            ceiling.end_to_end, ceiling.publish
+        );
+        println!(
+            "herald / raw lapin: {:.2}",
+            herald.end_to_end / ceiling.end_to_end
+        );
+    }
+    Ok(())
+}
+
+fn rates_json(rates: &Rates) -> Value {
+    json!({ "end_to_end_per_second": rates.end_to_end,
+            "publish_per_second": rates.publish })
+}
+
+/// Publishers and a worker through herald's `broker`.
+async fn through_herald(
+    broker: Arc<dyn Broker>,
+    queue: &str,
+    event_type: &'static str,
+    args: &BusArgs,
+) -> anyhow::Result<Rates> {
+    broker.bind(queue, &[event_type]).await?;
     let counter = Arc::new(Counter {
         handled: AtomicU64::new(0),
         target: args.events,
@@ -59,15 +160,15 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
     });
     let (stop, mut stopped) = watch::channel(false);
     let subscription = Subscription {
-        queue: QUEUE.into(),
-        event_types: vec![EVENT_TYPE],
+        queue: queue.to_owned(),
+        event_types: vec![event_type],
         options: WorkerOptions {
             concurrency: args.concurrency,
             ..WorkerOptions::default()
         },
     };
     let consumer = tokio::spawn(worker::run(
-        Arc::new(broker.clone()),
+        broker.clone(),
         subscription,
         counter.clone(),
         async move {
@@ -75,24 +176,17 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
         },
     ));
 
-    eprintln!(
-        "{} events of {} bytes, {} publishers, {} handlers",
-        args.events, args.size, args.publishers, args.concurrency
-    );
     let start = Instant::now();
     let mut publishers = tokio::task::JoinSet::new();
-    let per_publisher = args.events.div_ceil(args.publishers.max(1));
-    for p in 0..args.publishers.max(1) {
+    for count in shares(args.events, args.publishers) {
         let broker = broker.clone();
-        let count =
-            per_publisher.min(args.events.saturating_sub(p * per_publisher));
         let data = vec![b'x'; args.size];
         publishers.spawn(async move {
             for _ in 0..count {
                 let envelope = Envelope {
                     id: uuid::Uuid::now_v7(),
                     source: "/bench".into(),
-                    event_type: EVENT_TYPE.into(),
+                    event_type: event_type.into(),
                     subject: None,
                     time: chrono::Utc::now(),
                     content_type: "application/octet-stream".into(),
@@ -108,33 +202,138 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
         published??;
     }
     let published_in = start.elapsed();
-    tokio::time::timeout(Duration::from_secs(600), counter.done.notified())
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!("not every event arrived in 10 minutes")
-        })?;
+    wait_for(counter.done.notified()).await?;
     let elapsed = start.elapsed();
     stop.send(true)?;
     consumer.await??;
+    Ok(Rates {
+        end_to_end: args.events as f64 / elapsed.as_secs_f64(),
+        publish: args.events as f64 / published_in.as_secs_f64(),
+    })
+}
 
-    let report = json!({
-        "events": args.events,
-        "size": args.size,
-        "publish_per_second": args.events as f64 / published_in.as_secs_f64(),
-        "end_to_end_per_second": args.events as f64 / elapsed.as_secs_f64(),
-        "seconds": elapsed.as_secs_f64(),
+/// The same work with lapin alone: persistent messages, a confirm awaited
+/// per publish on one confirm channel, a consumer acking each message.
+async fn raw_lapin(
+    url: &str,
+    queue: &str,
+    args: &BusArgs,
+) -> anyhow::Result<Rates> {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .context("connecting for the raw lapin run")?;
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    publisher
+        .queue_declare(queue.into(), durable, FieldTable::default())
+        .await?;
+
+    let consuming = connection.create_channel().await?;
+    consuming
+        .basic_qos(
+            args.concurrency.clamp(1, 65_535) as u16,
+            BasicQosOptions::default(),
+        )
+        .await?;
+    let mut consumer = consuming
+        .basic_consume(
+            queue.into(),
+            "raw-bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let target = args.events;
+    let consumed = tokio::spawn(async move {
+        let mut acks = tokio::task::JoinSet::new();
+        let mut seen = 0;
+        while seen < target {
+            let Some(delivery) = consumer.next().await else {
+                anyhow::bail!("the raw consumer closed early");
+            };
+            let delivery = delivery?;
+            acks.spawn(async move {
+                delivery.ack(BasicAckOptions::default()).await
+            });
+            seen += 1;
+        }
+        while let Some(acked) = acks.join_next().await {
+            acked??;
+        }
+        anyhow::Ok(())
     });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!(
-            "embedded bus: {} events in {:.2}s: {:.0} events/s end to end \
-             (publishing alone: {:.0}/s)",
-            args.events,
-            elapsed.as_secs_f64(),
-            report["end_to_end_per_second"].as_f64().unwrap_or(0.0),
-            report["publish_per_second"].as_f64().unwrap_or(0.0),
-        );
+
+    let start = Instant::now();
+    let mut publishers = tokio::task::JoinSet::new();
+    for count in shares(args.events, args.publishers) {
+        let channel = publisher.clone();
+        let queue = queue.to_owned();
+        let data = vec![b'x'; args.size];
+        publishers.spawn(async move {
+            for _ in 0..count {
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &data,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await?
+                    .await?;
+                anyhow::ensure!(confirm.is_ack(), "the broker nacked");
+            }
+            anyhow::Ok(())
+        });
     }
-    Ok(())
+    while let Some(published) = publishers.join_next().await {
+        published??;
+    }
+    let published_in = start.elapsed();
+    wait_for(consumed).await???;
+    let elapsed = start.elapsed();
+    let _ = connection.close(200, "done".into()).await;
+    Ok(Rates {
+        end_to_end: args.events as f64 / elapsed.as_secs_f64(),
+        publish: args.events as f64 / published_in.as_secs_f64(),
+    })
+}
+
+/// `total` split as evenly as possible among `parts`.
+fn shares(total: u64, parts: u64) -> Vec<u64> {
+    let parts = parts.max(1);
+    (0..parts)
+        .map(|p| total / parts + u64::from(p < total % parts))
+        .collect()
+}
+
+async fn wait_for<T>(done: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(Duration::from_secs(600), done)
+        .await
+        .map_err(|_| anyhow::anyhow!("not every event arrived in 10 minutes"))
+}
+
+async fn delete_queues(url: &str, queues: &[String]) {
+    let Ok(connection) =
+        Connection::connect(url, ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    if let Ok(channel) = connection.create_channel().await {
+        for queue in queues {
+            let _ = channel
+                .queue_delete(
+                    queue.as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
 }
