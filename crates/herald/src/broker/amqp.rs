@@ -755,8 +755,13 @@ impl Broker for ReconnectingAmqp {
         Box::pin(async move {
             {
                 let mut bindings = self.inner.bindings.lock().unwrap();
-                let types = event_types.iter().map(|t| t.to_string()).collect();
-                bindings.push((queue.to_owned(), types));
+                let binding = (
+                    queue.to_owned(),
+                    event_types.iter().map(|t| t.to_string()).collect(),
+                );
+                if !bindings.contains(&binding) {
+                    bindings.push(binding);
+                }
             }
             self.broker().await?.declare(queue, event_types).await
         })
