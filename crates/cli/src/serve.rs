@@ -7,7 +7,6 @@
 //! process has a data directory of its own: the users service's outbox,
 //! the mailer's record of what it sent.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -73,9 +72,8 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
         system::mail_transport(&args.mail, &args.store.data_dir)?;
     let store = Store::open(&args.store).await?;
     let bus = store.bus(&choice);
-    let mailer =
-        mailer::Mailer::open(store.db.clone(), from, transport).await?;
-    let subscription = system::bind_mailer_queue(&*bus).await?;
+    let (mailer, subscription) =
+        system::open_mailer(&store, &*bus, from, transport).await?;
 
     let grace = Duration::from_secs(args.store.shutdown_grace_secs);
     let stopper = Stopper::new();
@@ -83,15 +81,15 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
         "herald serve mailer: data in {}",
         store.path.display()
     ));
-    system::say(&system::mailer_line(&mailer, &choice));
-    let worker = system::spawn_worker(
-        bus,
+    let mailer = system::start_mailer(
+        mailer,
         subscription,
-        Arc::new(mailer),
+        bus,
+        &choice,
         grace,
         &stopper,
     );
-    system::run_until_signal(stopper, vec![("mailer", worker)], grace).await?;
+    system::run_until_signal(stopper, vec![mailer], grace).await?;
     store.db.close().await;
     Ok(())
 }

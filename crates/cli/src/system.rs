@@ -191,18 +191,47 @@ pub async fn listen(args: &HttpArgs) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {}", args.listen))
 }
 
-/// Makes sure the mailer's queue exists before any registration can be
-/// published, so that no event goes to nobody. With RabbitMQ down this
-/// waits, retrying, until it is up.
-pub async fn bind_mailer_queue(
+/// Opens the mailer and makes sure its queue exists before any
+/// registration can be published, so that no event goes to nobody. With
+/// RabbitMQ down this waits, retrying, until it is up.
+pub async fn open_mailer(
+    store: &Store,
     bus: &dyn Broker,
-) -> anyhow::Result<Subscription> {
+    from: lettre::message::Mailbox,
+    transport: Transport,
+) -> anyhow::Result<(Mailer, Subscription)> {
+    let mailer = Mailer::open(store.db.clone(), from, transport)
+        .await
+        .context("cannot prepare the mailer")?;
     let subscription = mailer::subscription(WorkerOptions::default());
     retry_until_done("bind the mailer's queue", || {
         bus.bind(&subscription.queue, &subscription.event_types)
     })
     .await;
-    Ok(subscription)
+    Ok((mailer, subscription))
+}
+
+/// Says where the mailer's mail goes and starts it.
+pub fn start_mailer(
+    mailer: Mailer,
+    subscription: Subscription,
+    bus: Arc<dyn Broker>,
+    choice: &BusChoice,
+    grace: Duration,
+    stopper: &Stopper,
+) -> (&'static str, JoinHandle<anyhow::Result<()>>) {
+    say(&format!(
+        "mailer   {} from queue {} on {} -> {}",
+        UserRegistered::TYPE,
+        mailer::QUEUE,
+        choice.describe(),
+        mailer.transport().describe()
+    ));
+    let handler = Arc::new(mailer);
+    (
+        "mailer",
+        spawn_worker(bus, subscription, handler, grace, stopper),
+    )
 }
 
 async fn retry_until_done<F, Fut>(what: &str, mut attempt: F)
@@ -297,17 +326,6 @@ pub async fn start_users(
         task(users::serve(users, listener, stopper.stopped())),
     ));
     Ok(tasks)
-}
-
-/// The line that tells a person where the mailer's mail goes.
-pub fn mailer_line(mailer: &Mailer, bus: &BusChoice) -> String {
-    format!(
-        "mailer   {} from queue {} on {} -> {}",
-        UserRegistered::TYPE,
-        mailer::QUEUE,
-        bus.describe(),
-        mailer.transport().describe()
-    )
 }
 
 /// Waits for SIGINT or SIGTERM, then stops everything within the grace

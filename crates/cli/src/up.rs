@@ -2,7 +2,6 @@
 //! (the default) everything lives in one SQLite file in the data
 //! directory; with `--broker amqp://…` events go through RabbitMQ.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -30,9 +29,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let store = Store::open(&args.store).await?;
     let bus = store.bus(&choice);
-    let mailer =
-        mailer::Mailer::open(store.db.clone(), from, transport).await?;
-    let subscription = system::bind_mailer_queue(&*bus).await?;
+    let (mailer, subscription) =
+        system::open_mailer(&store, &*bus, from, transport).await?;
 
     let grace = Duration::from_secs(args.store.shutdown_grace_secs);
     let stopper = Stopper::new();
@@ -40,16 +38,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut tasks =
         system::start_users(&store, &bus, &choice, listener, grace, &stopper)
             .await?;
-    system::say(&system::mailer_line(&mailer, &choice));
-    tasks.push((
-        "mailer",
-        system::spawn_worker(
-            bus,
-            subscription,
-            Arc::new(mailer),
-            grace,
-            &stopper,
-        ),
+    tasks.push(system::start_mailer(
+        mailer,
+        subscription,
+        bus,
+        &choice,
+        grace,
+        &stopper,
     ));
 
     system::run_until_signal(stopper, tasks, grace).await?;
