@@ -11,7 +11,10 @@
 //! and the event announcing it in one transaction.
 
 pub mod broker;
+pub mod db;
 pub mod envelope;
+pub mod outbox;
+pub mod postgres;
 pub mod sqlite;
 pub mod trace;
 pub mod worker;

@@ -29,13 +29,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const READERS: u32 = 4;
 
-/// A versioned schema change, applied once per database.
-#[derive(Debug, Clone, Copy)]
-pub struct Migration {
-    pub version: i64,
-    pub description: &'static str,
-    pub sql: &'static str,
-}
+pub use crate::db::Migration;
 
 /// An open SQLite database: one writer, several readers.
 #[derive(Debug, Clone)]

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod postgres;
+
 use anyhow::{Context, bail};
 
 /// The pinned aiosmtpd release the tests run against.

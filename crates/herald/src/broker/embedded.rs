@@ -26,17 +26,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 use tokio::sync::watch;
-use uuid::Uuid;
 
 use super::group_commit::{GroupCommit, Op};
 use super::{BoxFuture, Broker, BusError, DeadLetter, Delivery, DeliveryTag};
 use crate::envelope::Envelope;
 use crate::sqlite::{Database, Migration, now_millis};
-use crate::trace::TraceContext;
 
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -460,29 +458,10 @@ fn after(millis: i64, duration: Duration) -> i64 {
     millis.saturating_add(duration)
 }
 
-fn envelope_from_row(row: &SqliteRow) -> Result<Envelope, BusError> {
-    let id: String = row.try_get("event_id")?;
-    let time: String = row.try_get("time")?;
-    let traceparent: Option<String> = row.try_get("traceparent")?;
-    Ok(Envelope {
-        id: Uuid::parse_str(&id)
-            .map_err(|e| BusError::Corrupt(format!("event id {id:?}: {e}")))?,
-        source: row.try_get("source")?,
-        event_type: row.try_get("event_type")?,
-        subject: row.try_get("subject")?,
-        time: DateTime::parse_from_rfc3339(&time)
-            .map_err(|e| BusError::Corrupt(format!("time {time:?}: {e}")))?
-            .with_timezone(&Utc),
-        content_type: row.try_get("content_type")?,
-        traceparent: traceparent.as_deref().and_then(TraceContext::parse),
-        data: row.try_get("payload")?,
-    })
-}
-
 fn delivery_from_row(row: &SqliteRow) -> Result<Delivery, BusError> {
     let attempts: i64 = row.try_get("attempts")?;
     Ok(Delivery {
-        envelope: envelope_from_row(row)?,
+        envelope: crate::db::envelope_from_row(row)?,
         queue: row.try_get("queue")?,
         attempt: u32::try_from(attempts).unwrap_or(u32::MAX),
         tag: DeliveryTag {
@@ -497,7 +476,7 @@ fn dead_letter_from_row(row: &SqliteRow) -> Result<DeadLetter, BusError> {
     let dead_at: i64 = row.try_get("dead_at")?;
     Ok(DeadLetter {
         id: row.try_get("id")?,
-        envelope: envelope_from_row(row)?,
+        envelope: crate::db::envelope_from_row(row)?,
         queue: row.try_get("queue")?,
         attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
         reason: row.try_get("reason")?,

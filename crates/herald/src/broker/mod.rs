@@ -122,9 +122,9 @@ pub enum BusError {
     Unroutable { event_type: String },
     #[error("message {seq} is no longer held by this consumer")]
     LeaseLost { seq: i64 },
-    #[error("the embedded bus database failed")]
+    #[error("the bus database failed")]
     Database(#[from] sqlx::Error),
-    #[error("the embedded bus database failed")]
+    #[error("the bus database failed")]
     Shared(#[source] std::sync::Arc<sqlx::Error>),
     #[error("the bus is shut down")]
     Closed,
