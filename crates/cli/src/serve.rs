@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::system::{
-    self, BusChoice, HttpArgs, MailArgs, Stopper, Store, StoreArgs,
-};
+use crate::system::{self, HttpArgs, MailArgs, Stopper, Store, StoreArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum ServeCommand {
@@ -47,30 +45,30 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
 }
 
 async fn users(args: UsersArgs) -> anyhow::Result<()> {
-    let choice = BusChoice::parse(&args.store.broker)?;
+    let (choice, database) = args.store.choices()?;
     let listener = system::listen(&args.http).await?;
-    let store = Store::open(&args.store).await?;
+    let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
 
     let grace = Duration::from_secs(args.store.shutdown_grace_secs);
     let stopper = Stopper::new();
     system::say(&format!(
         "herald serve users: data in {}",
-        store.path.display()
+        store.description
     ));
     let tasks =
         system::start_users(&store, &bus, &choice, listener, grace, &stopper)
             .await?;
     system::run_until_signal(stopper, tasks, grace).await?;
-    store.db.close().await;
+    store.close().await;
     Ok(())
 }
 
 async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
-    let choice = BusChoice::parse(&args.store.broker)?;
+    let (choice, database) = args.store.choices()?;
     let (from, transport) =
         system::mail_transport(&args.mail, &args.store.data_dir)?;
-    let store = Store::open(&args.store).await?;
+    let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
     let (mailer, subscription) =
         system::open_mailer(&store, &*bus, from, transport).await?;
@@ -79,7 +77,7 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
     let stopper = Stopper::new();
     system::say(&format!(
         "herald serve mailer: data in {}",
-        store.path.display()
+        store.description
     ));
     let mailer = system::start_mailer(
         mailer,
@@ -90,6 +88,6 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
         &stopper,
     );
     system::run_until_signal(stopper, vec![mailer], grace).await?;
-    store.db.close().await;
+    store.close().await;
     Ok(())
 }

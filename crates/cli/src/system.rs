@@ -1,9 +1,10 @@
 //! The pieces `herald up` and `herald serve` assemble: the flags they
 //! share, the store, the bus, each service, and the graceful stop.
 //!
-//! Every process keeps a SQLite database in its data directory. With the
-//! embedded bus it is the bus too; with RabbitMQ it is the users service's
-//! outbox and the mailer's record of what it sent.
+//! A process keeps its services' state in its database: by default a SQLite
+//! file in the data directory, which with the embedded bus holds the bus
+//! too; or PostgreSQL, shared by replicas: the users, the outbox they
+//! relay from, the mailer's record of what it sent.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -15,10 +16,12 @@ use clap::Args;
 use contracts::UserRegistered;
 use herald::broker::amqp::AmqpOptions;
 use herald::broker::embedded::EmbeddedOptions;
-use herald::sqlite::Database;
+use herald::db::Db;
+use herald::outbox::Outbox;
 use herald::worker::{self, Subscription, WorkerOptions};
 use herald::{
     Broker, BusError, EmbeddedBroker, Event, Handler, ReconnectingAmqp,
+    postgres, sqlite,
 };
 use mailer::maildir::Maildir;
 use mailer::transport::{SmtpRelay, Transport};
@@ -26,14 +29,21 @@ use mailer::{DEFAULT_FROM, Mailer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use users::store::UserStore;
 
 /// Where a process keeps its data and which bus it speaks to.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// Directory for the database (herald.db) and, by default, the mail.
-    /// Created if missing.
+    /// Directory for the SQLite database (herald.db) and, by default, the
+    /// mail. Created if missing.
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "./var")]
     pub data_dir: PathBuf,
+
+    /// Where the services keep their state: sqlite://PATH, or a PostgreSQL
+    /// URL, postgres://user:pass@host:port/db, which replicas can share
+    /// [default: sqlite://DATA_DIR/herald.db].
+    #[arg(long, env = "HERALD_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
 
     /// The event bus: `embedded` (in the data directory's database) or a
     /// RabbitMQ URL, amqp://user:pass@host:port/vhost (or amqps://).
@@ -56,6 +66,16 @@ pub struct StoreArgs {
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub shutdown_grace_secs: u64,
+}
+
+impl StoreArgs {
+    /// The bus and the database the flags name, checked.
+    pub fn choices(&self) -> anyhow::Result<(BusChoice, DatabaseChoice)> {
+        let bus = BusChoice::parse(&self.broker)?;
+        let database =
+            DatabaseChoice::parse(self.database.as_deref(), &self.data_dir)?;
+        Ok((bus, database))
+    }
 }
 
 /// Where the users service listens.
@@ -114,39 +134,135 @@ impl BusChoice {
     }
 }
 
-/// The database of the data directory and the embedded bus in it.
+/// The database a process was told to keep its state in.
+#[derive(Debug, Clone)]
+pub enum DatabaseChoice {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl DatabaseChoice {
+    pub fn parse(text: Option<&str>, data_dir: &Path) -> anyhow::Result<Self> {
+        let text = text.map(str::trim).unwrap_or_default();
+        if text.is_empty() {
+            return Ok(DatabaseChoice::Sqlite(data_dir.join("herald.db")));
+        }
+        if let Some(path) = text.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                anyhow::bail!("--database sqlite:// needs a file path");
+            }
+            return Ok(DatabaseChoice::Sqlite(PathBuf::from(path)));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://")
+        {
+            return Ok(DatabaseChoice::Postgres(text.to_owned()));
+        }
+        anyhow::bail!(
+            "--database must be sqlite://PATH or a postgres:// URL, not {:?}",
+            herald::redact_credentials(text)
+        )
+    }
+}
+
+/// The services' database and, when there is one, the embedded bus.
 pub struct Store {
-    pub db: Database,
-    pub embedded: EmbeddedBroker,
-    pub path: PathBuf,
+    /// Where the services keep their state.
+    pub db: Db,
+    /// The embedded bus, in a SQLite database: the services' own when it
+    /// is SQLite, else the data directory's. Absent on PostgreSQL and
+    /// RabbitMQ together, which need no local file.
+    pub embedded: Option<EmbeddedBroker>,
+    /// Where the data is, for people.
+    pub description: String,
 }
 
 impl Store {
-    pub async fn open(args: &StoreArgs) -> anyhow::Result<Self> {
-        create_dir(&args.data_dir, "data directory")?;
-        let path = args.data_dir.join("herald.db");
-        let db = Database::open(&path)
-            .await
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        let options = EmbeddedOptions {
-            lease: Duration::from_secs(args.lease_secs),
-            ..EmbeddedOptions::default()
+    pub async fn open(
+        args: &StoreArgs,
+        database: &DatabaseChoice,
+        bus: &BusChoice,
+    ) -> anyhow::Result<Self> {
+        let sqlite_path = match (database, bus) {
+            (DatabaseChoice::Sqlite(path), _) => Some(path.clone()),
+            (DatabaseChoice::Postgres(_), BusChoice::Embedded) => {
+                create_dir(&args.data_dir, "data directory")?;
+                Some(args.data_dir.join("herald.db"))
+            }
+            (DatabaseChoice::Postgres(_), BusChoice::Amqp(_)) => None,
         };
-        let embedded = EmbeddedBroker::open(db.clone(), options)
-            .await
-            .context("cannot prepare the embedded bus")?;
-        Ok(Store { db, embedded, path })
+        let sqlite = match &sqlite_path {
+            Some(path) => Some(open_sqlite(path, args).await?),
+            None => None,
+        };
+        let embedded = sqlite.as_ref().map(|(_, bus)| bus.clone());
+
+        let (db, description) = match (database, sqlite) {
+            (DatabaseChoice::Sqlite(path), Some((db, _))) => {
+                (Db::Sqlite(db), path.display().to_string())
+            }
+            (DatabaseChoice::Postgres(url), _) => {
+                let shown = herald::redact_credentials(url);
+                let db =
+                    postgres::Database::open(url).await.with_context(|| {
+                        format!("cannot connect to PostgreSQL at {shown}")
+                    })?;
+                let description = match &sqlite_path {
+                    Some(path) => format!("{shown}, bus in {}", path.display()),
+                    None => shown,
+                };
+                (Db::Postgres(db), description)
+            }
+            (DatabaseChoice::Sqlite(_), None) => {
+                unreachable!("a SQLite choice always opens its file")
+            }
+        };
+        Ok(Store {
+            db,
+            embedded,
+            description,
+        })
     }
 
     /// The bus services publish to and consume from.
     pub fn bus(&self, choice: &BusChoice) -> Arc<dyn Broker> {
-        match choice {
-            BusChoice::Embedded => Arc::new(self.embedded.clone()),
-            BusChoice::Amqp(url) => {
+        match (choice, &self.embedded) {
+            (BusChoice::Embedded, Some(embedded)) => Arc::new(embedded.clone()),
+            (BusChoice::Embedded, None) => {
+                unreachable!("the embedded bus is opened when chosen")
+            }
+            (BusChoice::Amqp(url), _) => {
                 Arc::new(ReconnectingAmqp::new(url, AmqpOptions::default()))
             }
         }
     }
+
+    pub async fn close(&self) {
+        self.db.close().await;
+        if let Some(embedded) = &self.embedded {
+            embedded.database().close().await;
+        }
+    }
+}
+
+/// Opens the SQLite database at `path` and the embedded bus in it.
+async fn open_sqlite(
+    path: &Path,
+    args: &StoreArgs,
+) -> anyhow::Result<(sqlite::Database, EmbeddedBroker)> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir(parent, "data directory")?;
+    }
+    let db = sqlite::Database::open(path)
+        .await
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let options = EmbeddedOptions {
+        lease: Duration::from_secs(args.lease_secs),
+        ..EmbeddedOptions::default()
+    };
+    let embedded = EmbeddedBroker::open(db.clone(), options)
+        .await
+        .context("cannot prepare the embedded bus")?;
+    Ok((db, embedded))
 }
 
 /// Checks the mail flags and prepares the transport.
@@ -287,8 +403,9 @@ pub fn spawn_worker(
     task(worker::run(bus, subscription, handler, stopper.stopped()))
 }
 
-/// Starts the users service on `listener`, and, when the bus is not the
-/// embedded one, the relay that carries its outbox to the bus.
+/// Starts the users service on `listener`, and the relay that carries its
+/// outbox to the bus when events are not staged on the bus itself (the
+/// embedded bus in the same SQLite database).
 pub async fn start_users(
     store: &Store,
     bus: &Arc<dyn Broker>,
@@ -297,25 +414,40 @@ pub async fn start_users(
     grace: Duration,
     stopper: &Stopper,
 ) -> anyhow::Result<Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>> {
-    let mut users = users::Users::open(store.embedded.clone())
-        .await
-        .context("cannot prepare the users service")?;
     let mut tasks = Vec::new();
+    let user_store = match (&store.db, &store.embedded) {
+        (Db::Postgres(db), _) => {
+            let outbox = Outbox::open(db.clone())
+                .await
+                .context("cannot prepare the outbox")?;
+            let relay = outbox.clone();
+            let (bus, stopped) = (bus.clone(), stopper.stopped());
+            tasks.push((
+                "outbox relay",
+                task(async move { relay.relay(bus, stopped).await }),
+            ));
+            UserStore::postgres(outbox).await
+        }
+        (Db::Sqlite(_), Some(embedded)) => {
+            if let BusChoice::Amqp(_) = choice {
+                tasks.push((
+                    "outbox relay",
+                    start_sqlite_relay(embedded, bus, grace, stopper).await?,
+                ));
+            }
+            UserStore::sqlite(embedded.clone()).await
+        }
+        (Db::Sqlite(_), None) => {
+            unreachable!("a SQLite database always has its embedded bus")
+        }
+    };
+    let mut users = users::Users::new(
+        user_store.context("cannot prepare the users service")?,
+    );
     if let BusChoice::Amqp(_) = choice {
         users = users.relayed_to(bus.clone());
-        let subscription = users::relay::subscription();
-        store
-            .embedded
-            .bind(&subscription.queue, &subscription.event_types)
-            .await
-            .context("cannot bind the outbox")?;
-        let relay = Arc::new(users::relay::Relay::new(bus.clone()));
-        let outbox: Arc<dyn Broker> = Arc::new(store.embedded.clone());
-        tasks.push((
-            "outbox relay",
-            spawn_worker(outbox, subscription, relay, grace, stopper),
-        ));
     }
+
     let address = listener.local_addr()?;
     say(&format!(
         "users    http://{address}  POST /user/register, GET /healthz, \
@@ -326,6 +458,23 @@ pub async fn start_users(
         task(users::serve(users, listener, stopper.stopped())),
     ));
     Ok(tasks)
+}
+
+/// Relays the SQLite outbox (the embedded bus's `outbox` queue) to `bus`.
+async fn start_sqlite_relay(
+    embedded: &EmbeddedBroker,
+    bus: &Arc<dyn Broker>,
+    grace: Duration,
+    stopper: &Stopper,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let subscription = users::relay::subscription();
+    embedded
+        .bind(&subscription.queue, &subscription.event_types)
+        .await
+        .context("cannot bind the outbox")?;
+    let relay = Arc::new(users::relay::Relay::new(bus.clone()));
+    let outbox: Arc<dyn Broker> = Arc::new(embedded.clone());
+    Ok(spawn_worker(outbox, subscription, relay, grace, stopper))
 }
 
 /// Waits for SIGINT or SIGTERM, then stops everything within the grace

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::system::{
-    self, BusChoice, HttpArgs, MailArgs, Stopper, Store, StoreArgs,
-};
+use crate::system::{self, HttpArgs, MailArgs, Stopper, Store, StoreArgs};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -22,19 +20,19 @@ pub struct UpArgs {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Check every flag and take the port before writing anything.
-    let choice = BusChoice::parse(&args.store.broker)?;
+    let (choice, database) = args.store.choices()?;
     let listener = system::listen(&args.http).await?;
     let (from, transport) =
         system::mail_transport(&args.mail, &args.store.data_dir)?;
 
-    let store = Store::open(&args.store).await?;
+    let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
     let (mailer, subscription) =
         system::open_mailer(&store, &*bus, from, transport).await?;
 
     let grace = Duration::from_secs(args.store.shutdown_grace_secs);
     let stopper = Stopper::new();
-    system::say(&format!("herald up: data in {}", store.path.display()));
+    system::say(&format!("herald up: data in {}", store.description));
     let mut tasks =
         system::start_users(&store, &bus, &choice, listener, grace, &stopper)
             .await?;
@@ -48,6 +46,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     ));
 
     system::run_until_signal(stopper, tasks, grace).await?;
-    store.db.close().await;
+    store.close().await;
     Ok(())
 }

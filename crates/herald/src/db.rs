@@ -97,12 +97,16 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         | Error::Tls(_)
         | Error::WorkerCrashed => true,
         Error::Database(e) => match e.code() {
-            // A PostgreSQL SQLSTATE: connection exceptions (08), not
-            // enough resources (53), operator intervention such as a
-            // shutdown or a statement timeout (57), a lock timeout (55P03).
-            Some(code) if code.len() == 5 => ["08", "53", "57", "55P03"]
-                .iter()
-                .any(|c| code.starts_with(c)),
+            // A PostgreSQL SQLSTATE. A mistake in the data (22), a broken
+            // constraint (23), in the SQL (42) or inside the server (XX)
+            // will not go away on its own; anything else is the server or
+            // the connection to it not being usable right now: shutting
+            // down (57P01, 57P03), a lost connection (08), no resources
+            // (53), a lock or statement timeout (55P03, 57014), a
+            // database briefly missing in a failover (3D000).
+            Some(code) if code.len() == 5 => {
+                !["22", "23", "42", "XX"].iter().any(|c| code.starts_with(c))
+            }
             // SQLite: another writer holds the lock.
             _ => e.message().contains("locked") || e.message().contains("busy"),
         },

@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime};
 
 use contracts::UserRegistered;
 use herald::broker::BoxFuture;
-use herald::sqlite::{Database, Migration};
+use herald::db::{Db, Migration};
+use herald::sqlite::now_millis;
+use herald::with_pool;
 use herald::worker::{RetryPolicy, Subscription, WorkerOptions};
 use herald::{Delivery, Event, Handler, HandlerError};
 use lettre::Message;
@@ -40,7 +42,7 @@ pub const DEFAULT_FROM: &str = "herald <welcome@herald.localhost>";
 /// only the claim of a sender that died runs out.
 const CLAIM_TTL: Duration = Duration::from_secs(10);
 
-const MIGRATIONS: &[Migration] = &[Migration {
+const SQLITE_MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     description: "claims on events being or already mailed",
     sql: "CREATE TABLE mailer_deliveries (
@@ -49,6 +51,17 @@ const MIGRATIONS: &[Migration] = &[Migration {
         claimed_at   INTEGER NOT NULL,
         delivered_at INTEGER
     ) WITHOUT ROWID",
+}];
+
+const POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "claims on events being or already mailed",
+    sql: "CREATE TABLE mailer_deliveries (
+        event_id     TEXT PRIMARY KEY,
+        state        TEXT NOT NULL CHECK (state IN ('sending', 'sent')),
+        claimed_at   BIGINT NOT NULL,
+        delivered_at BIGINT
+    )",
 }];
 
 /// What a handler learns when it claims an event.
@@ -88,7 +101,7 @@ pub fn subscription(options: WorkerOptions) -> Subscription {
 /// Sends welcome emails; the bus's handler for `user.registered.v1`.
 #[derive(Debug)]
 pub struct Mailer {
-    db: Database,
+    db: Db,
     from: Mailbox,
     transport: Transport,
 }
@@ -96,11 +109,12 @@ pub struct Mailer {
 impl Mailer {
     /// Prepares the mailer's table in `db`.
     pub async fn open(
-        db: Database,
+        db: Db,
         from: Mailbox,
         transport: Transport,
     ) -> Result<Self, sqlx::Error> {
-        db.migrate("mailer", MIGRATIONS).await?;
+        db.migrate("mailer", SQLITE_MIGRATIONS, POSTGRES_MIGRATIONS)
+            .await?;
         Ok(Mailer {
             db,
             from,
@@ -168,48 +182,67 @@ impl Mailer {
         Ok(())
     }
 
-    /// Claims `event_id` for sending, in one write transaction so that two
-    /// handlers cannot both own it.
+    /// Claims `event_id` for sending. Each step is one statement, atomic
+    /// on either database, so two handlers cannot both own the event:
+    /// the first to insert the claim owns it; a claim that has run out
+    /// goes to the one handler whose update still finds it expired; anyone
+    /// else learns who has it.
     async fn claim(&self, event_id: Uuid) -> Result<Claim, HandlerError> {
         let failed = |e: sqlx::Error| {
             HandlerError::transient(format!("mailer store: {e}"))
         };
         let id = event_id.to_string();
-        let now = herald::sqlite::now_millis();
-        let mut tx = self.db.begin().await.map_err(failed)?;
-        let found: Option<(String, i64)> = sqlx::query_as(
-            "SELECT state, claimed_at FROM mailer_deliveries
-             WHERE event_id = ?",
+        let now = now_millis();
+        let ttl = CLAIM_TTL.as_millis() as i64;
+
+        let inserted = with_pool!(&self.db, |pool| sqlx::query(
+            "INSERT INTO mailer_deliveries (event_id, state, claimed_at)
+             VALUES ($1, 'sending', $2)
+             ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(&id)
-        .fetch_optional(&mut *tx)
+        .bind(now)
+        .execute(pool)
         .await
+        .map(|done| done.rows_affected()))
         .map_err(failed)?;
+        if inserted == 1 {
+            return Ok(Claim::Owned);
+        }
 
-        let ttl = CLAIM_TTL.as_millis() as i64;
-        let claim = match found {
-            None => Claim::Owned,
+        let taken_over = with_pool!(&self.db, |pool| sqlx::query(
+            "UPDATE mailer_deliveries SET claimed_at = $2
+             WHERE event_id = $1 AND state = 'sending' AND claimed_at < $3",
+        )
+        .bind(&id)
+        .bind(now)
+        .bind(now - ttl)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))
+        .map_err(failed)?;
+        if taken_over == 1 {
+            return Ok(Claim::TakenOver);
+        }
+
+        let found: Option<(String, i64)> =
+            with_pool!(&self.db, |pool| sqlx::query_as(
+                "SELECT state, claimed_at FROM mailer_deliveries
+                 WHERE event_id = $1",
+            )
+            .bind(&id)
+            .fetch_optional(pool)
+            .await)
+            .map_err(failed)?;
+        Ok(match found {
             Some((state, _)) if state == "sent" => Claim::Sent,
-            Some((_, claimed_at)) if now - claimed_at > ttl => Claim::TakenOver,
             Some((_, claimed_at)) => {
                 let left = (claimed_at + ttl - now).max(0) as u64;
                 Claim::Busy(Duration::from_millis(left + 100))
             }
-        };
-        if matches!(claim, Claim::Owned | Claim::TakenOver) {
-            sqlx::query(
-                "INSERT INTO mailer_deliveries (event_id, state, claimed_at)
-                 VALUES (?1, 'sending', ?2)
-                 ON CONFLICT (event_id) DO UPDATE SET claimed_at = ?2",
-            )
-            .bind(&id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        }
-        tx.commit().await.map_err(failed)?;
-        Ok(claim)
+            // Released by a failed send a moment ago: look again soon.
+            None => Claim::Busy(Duration::from_millis(100)),
+        })
     }
 
     /// Runs `send`, renewing the claim on `event_id` until it is done.
@@ -225,14 +258,15 @@ impl Mailer {
             tokio::select! {
                 done = &mut send => return done,
                 _ = ticks.tick() => {
-                    let renewed = sqlx::query(
-                        "UPDATE mailer_deliveries SET claimed_at = ?
-                         WHERE event_id = ? AND state = 'sending'",
+                    let renewed = with_pool!(&self.db, |pool| sqlx::query(
+                        "UPDATE mailer_deliveries SET claimed_at = $1
+                         WHERE event_id = $2 AND state = 'sending'",
                     )
-                    .bind(herald::sqlite::now_millis())
+                    .bind(now_millis())
                     .bind(event_id.to_string())
-                    .execute(self.db.writer())
-                    .await;
+                    .execute(pool)
+                    .await
+                    .map(drop));
                     warn_on_error(
                         renewed,
                         event_id,
@@ -245,13 +279,14 @@ impl Mailer {
 
     /// Gives up a claim after a failed send, so a retry can take it.
     async fn release(&self, event_id: Uuid) {
-        let released = sqlx::query(
+        let released = with_pool!(&self.db, |pool| sqlx::query(
             "DELETE FROM mailer_deliveries
-             WHERE event_id = ? AND state = 'sending'",
+             WHERE event_id = $1 AND state = 'sending'",
         )
         .bind(event_id.to_string())
-        .execute(self.db.writer())
-        .await;
+        .execute(pool)
+        .await
+        .map(drop));
         warn_on_error(
             released,
             event_id,
@@ -263,14 +298,15 @@ impl Mailer {
     /// so a failure here is logged, not retried: retrying would send it
     /// again.
     async fn mark_sent(&self, event_id: Uuid) {
-        let recorded = sqlx::query(
-            "UPDATE mailer_deliveries SET state = 'sent', delivered_at = ?
-             WHERE event_id = ?",
+        let recorded = with_pool!(&self.db, |pool| sqlx::query(
+            "UPDATE mailer_deliveries SET state = 'sent', delivered_at = $1
+             WHERE event_id = $2",
         )
-        .bind(herald::sqlite::now_millis())
+        .bind(now_millis())
         .bind(event_id.to_string())
-        .execute(self.db.writer())
-        .await;
+        .execute(pool)
+        .await
+        .map(drop));
         warn_on_error(
             recorded,
             event_id,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use contracts::{Locale, UserRegistered};
 use herald::broker::embedded::EmbeddedOptions;
+use herald::db::Db;
 use herald::sqlite::Database;
 use herald::worker::{self, WorkerOptions};
 use herald::{Broker, EmbeddedBroker, Envelope};
@@ -30,6 +31,15 @@ impl Pipeline {
     async fn start(
         transport: impl FnOnce(&std::path::Path) -> Transport,
     ) -> Self {
+        Self::start_on(None, transport).await
+    }
+
+    /// A pipeline whose mailer keeps its records in `records`, or beside
+    /// its bus when `None`.
+    async fn start_on(
+        records: Option<Db>,
+        transport: impl FnOnce(&std::path::Path) -> Transport,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(&dir.path().join("herald.db")).await.unwrap();
         let broker =
@@ -37,8 +47,10 @@ impl Pipeline {
                 .await
                 .unwrap();
         let from = mailer::DEFAULT_FROM.parse().unwrap();
-        let mailer =
-            Mailer::open(db, from, transport(dir.path())).await.unwrap();
+        let records = records.unwrap_or(Db::Sqlite(db));
+        let mailer = Mailer::open(records, from, transport(dir.path()))
+            .await
+            .unwrap();
 
         let subscription = mailer::subscription(WorkerOptions::default());
         broker
@@ -369,4 +381,46 @@ async fn a_refused_recipient_is_dead_lettered_without_the_address() {
         "{reason}"
     );
     assert!(!reason.contains("zelda"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL: set HERALD_TEST_POSTGRES_URL"]
+async fn two_mailers_sharing_postgresql_send_one_email_per_event() {
+    let pg = testkit::postgres::TestDatabase::create();
+    let server = tokio::task::spawn_blocking(SmtpServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = server.url();
+    // Two mailers, as two processes would be: each its own bus, the one
+    // PostgreSQL database for their records, the one mail server.
+    let mut mailers = Vec::new();
+    for _ in 0..2 {
+        let db = herald::postgres::Database::open(pg.url()).await.unwrap();
+        let transport = Transport::Smtp(SmtpRelay::from_url(&url).unwrap());
+        mailers.push(
+            Pipeline::start_on(Some(Db::Postgres(db)), |_| transport).await,
+        );
+    }
+
+    // Every event reaches both, as a redelivery to another replica would.
+    const EVENTS: usize = 10;
+    for i in 0..EVENTS {
+        let address = format!("user{i}@example.com");
+        let event = registered("Alice", &address, Locale::English);
+        for mailer in &mailers {
+            mailer.publish(&event).await;
+        }
+    }
+
+    let server = Arc::new(server);
+    let waiting = server.clone();
+    tokio::task::spawn_blocking(move || waiting.wait_for(EVENTS, WAIT))
+        .await
+        .unwrap()
+        .unwrap();
+    for mailer in mailers {
+        mailer.drain().await;
+    }
+    assert_eq!(server.received().unwrap().len(), EVENTS);
 }

@@ -24,6 +24,7 @@ use crate::domain::{
 };
 use crate::store::{NewUser, StoreError, Taken};
 use crate::{TraceContext, Users};
+use herald::BusError;
 
 /// The largest registration body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -347,19 +348,17 @@ impl From<StoreError> for ApiError {
             StoreError::NoSubscriber => ApiError::Unavailable(
                 "no consumer is bound to user.registered".into(),
             ),
-            StoreError::Database(e) if is_busy(&e) => {
+            StoreError::Database(e) if herald::db::is_unavailable(&e) => {
+                ApiError::Unavailable(herald::error_chain(&e))
+            }
+            StoreError::Bus(BusError::Database(e))
+                if herald::db::is_unavailable(&e) =>
+            {
                 ApiError::Unavailable(herald::error_chain(&e))
             }
             other => ApiError::Unexpected(herald::error_chain(&other)),
         }
     }
-}
-
-fn is_busy(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
-        || error.as_database_error().is_some_and(|e| {
-            e.message().contains("locked") || e.message().contains("busy")
-        })
 }
 
 #[derive(Serialize)]
@@ -452,6 +451,13 @@ impl IntoResponse for ApiError {
             ),
         }
         let body = json!({ "error": ErrorBody { code, message, field } });
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }

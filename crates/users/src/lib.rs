@@ -18,17 +18,16 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 
-use herald::{Broker, EmbeddedBroker, TraceContext};
+use herald::{Broker, TraceContext};
 use tokio::net::TcpListener;
 
 use crate::password::Hasher;
 use crate::store::UserStore;
 
-/// The service's shared state: its store, its bus and its hasher.
+/// The service's shared state: its store and its hasher.
 #[derive(Clone)]
 pub struct Users {
     store: UserStore,
-    broker: EmbeddedBroker,
     hasher: Hasher,
     /// The network broker the outbox is relayed to, if any: reported by
     /// readiness, but not required, since registrations wait in the
@@ -43,15 +42,13 @@ impl std::fmt::Debug for Users {
 }
 
 impl Users {
-    /// Prepares the users table in the broker's database.
-    pub async fn open(broker: EmbeddedBroker) -> Result<Self, sqlx::Error> {
-        let store = UserStore::open(broker.clone()).await?;
-        Ok(Users {
+    /// The service on `store`, with a password hasher per core.
+    pub fn new(store: UserStore) -> Self {
+        Users {
             store,
-            broker,
             hasher: Hasher::per_core(),
             relayed_to: None,
-        })
+        }
     }
 
     /// Notes the broker the outbox is relayed to, for readiness.
@@ -73,9 +70,9 @@ impl Users {
         http::router(self.clone())
     }
 
-    /// Whether the bus can take events (used by readiness).
+    /// Whether events can be staged (used by readiness).
     pub async fn bus_ready(&self) -> bool {
-        self.broker.is_ready().await
+        self.store.can_stage().await
     }
 }
 

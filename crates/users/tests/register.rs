@@ -10,6 +10,7 @@ use herald::{Broker, Delivery, EmbeddedBroker, Event};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use users::Users;
+use users::store::UserStore;
 
 const QUEUE: &str = "welcomes";
 
@@ -26,7 +27,8 @@ async fn spawn_app() -> App {
         .await
         .unwrap();
     broker.bind(QUEUE, &[UserRegistered::TYPE]).await.unwrap();
-    let users = Users::open(broker.clone()).await.unwrap();
+    let store = UserStore::sqlite(broker.clone()).await.unwrap();
+    let users = Users::new(store);
     App {
         _dir: dir,
         broker,
