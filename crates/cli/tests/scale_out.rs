@@ -1,17 +1,21 @@
-//! Each service in its own processes, over a real RabbitMQ. Set
-//! HERALD_TEST_AMQP_URL and run with `cargo test -- --include-ignored`.
+//! Each service in its own processes, over a real RabbitMQ and a real
+//! PostgreSQL. Set HERALD_TEST_AMQP_URL and HERALD_TEST_POSTGRES_URL and
+//! run with `cargo test -- --include-ignored`.
 //!
-//! These tests disturb the broker (closing every connection, for one), so
-//! they take turns.
+//! These tests disturb the servers (closing every connection, stopping
+//! them), so they take turns.
 
 mod support;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
 use support::{Herald, WAIT};
+use testkit::postgres::TestDatabase;
 use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -50,36 +54,36 @@ async fn assert_emails(new: &Path, expected: usize, limit: Duration) {
     assert_eq!(testkit::count_files(new), expected);
 }
 
-/// Two users replicas, two mailer replicas, each a process with a data
-/// directory of its own; the mailers write to one shared Maildir.
+/// Two users replicas and two mailer replicas, each a process with a data
+/// directory of its own, sharing RabbitMQ and one PostgreSQL database;
+/// the mailers write to one shared Maildir.
 struct Cluster {
     users: Vec<Herald>,
     mailers: Vec<Herald>,
     mail: tempfile::TempDir,
     _dirs: Vec<tempfile::TempDir>,
+    database: TestDatabase,
 }
 
 impl Cluster {
     fn start() -> Cluster {
         let url = amqp_url();
+        let database = TestDatabase::create();
+        let shared = ["--broker", url.as_str(), "--database", database.url()];
         let mail = tempfile::tempdir().unwrap();
         let mail_dir = mail.path().to_str().unwrap().to_owned();
         let mut dirs = Vec::new();
         let mut mailers = Vec::new();
         for _ in 0..2 {
             let dir = tempfile::tempdir().unwrap();
-            let args =
-                ["--broker", url.as_str(), "--mail-dir", mail_dir.as_str()];
-            mailers.push(Herald::serve_mailer(dir.path(), &args));
+            let args = [&shared[..], &["--mail-dir", mail_dir.as_str()]];
+            mailers.push(Herald::serve_mailer(dir.path(), &args.concat()));
             dirs.push(dir);
         }
         let mut users = Vec::new();
         for _ in 0..2 {
             let dir = tempfile::tempdir().unwrap();
-            users.push(Herald::serve_users(
-                dir.path(),
-                &["--broker", url.as_str()],
-            ));
+            users.push(Herald::serve_users(dir.path(), &shared));
             dirs.push(dir);
         }
         Cluster {
@@ -87,7 +91,14 @@ impl Cluster {
             mailers,
             mail,
             _dirs: dirs,
+            database,
         }
+    }
+
+    /// The users the replicas stored.
+    fn stored_users(&self) -> usize {
+        let count = self.database.query("SELECT count(*) FROM users");
+        count.unwrap().parse().unwrap()
     }
 
     fn new_mail(&self) -> std::path::PathBuf {
@@ -106,7 +117,8 @@ impl Cluster {
 }
 
 #[tokio::test]
-#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+#[ignore = "needs RabbitMQ and PostgreSQL: set HERALD_TEST_AMQP_URL and \
+            HERALD_TEST_POSTGRES_URL"]
 async fn two_users_and_two_mailer_replicas_send_exactly_one_email_each() {
     let _turn = ONE_AT_A_TIME.lock().await;
     purge_mailer_queue();
@@ -130,7 +142,8 @@ async fn two_users_and_two_mailer_replicas_send_exactly_one_email_each() {
 }
 
 #[tokio::test]
-#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+#[ignore = "needs RabbitMQ and PostgreSQL: set HERALD_TEST_AMQP_URL and \
+            HERALD_TEST_POSTGRES_URL"]
 async fn consumption_resumes_after_the_broker_closes_every_connection() {
     let _turn = ONE_AT_A_TIME.lock().await;
     purge_mailer_queue();
@@ -151,7 +164,8 @@ async fn consumption_resumes_after_the_broker_closes_every_connection() {
 }
 
 #[tokio::test]
-#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+#[ignore = "needs RabbitMQ and PostgreSQL: set HERALD_TEST_AMQP_URL and \
+            HERALD_TEST_POSTGRES_URL"]
 async fn a_mailer_killed_mid_stream_loses_nothing() {
     let _turn = ONE_AT_A_TIME.lock().await;
     purge_mailer_queue();
@@ -175,7 +189,8 @@ impl Drop for RestartOnDrop {
 }
 
 #[tokio::test]
-#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+#[ignore = "needs RabbitMQ and PostgreSQL: set HERALD_TEST_AMQP_URL and \
+            HERALD_TEST_POSTGRES_URL"]
 async fn registrations_made_while_rabbitmq_is_stopped_are_mailed_once_it_is_back()
  {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -203,6 +218,145 @@ async fn registrations_made_while_rabbitmq_is_stopped_are_mailed_once_it_is_back
     // No process restarted; each reconnects and the outbox drains. The
     // relay's backoff may have grown while the broker was away.
     assert_emails(&cluster.new_mail(), 15, Duration::from_secs(90)).await;
+}
+
+/// Runs `pg_ctlcluster` on this machine's cluster.
+fn pg_ctlcluster(action: &str) -> std::process::Output {
+    let versions = std::fs::read_dir("/etc/postgresql").unwrap();
+    let mut versions: Vec<String> = versions
+        .map(|v| v.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    versions.sort_by_key(|v| v.parse::<u32>().unwrap_or(0));
+    let version = versions.last().expect("a PostgreSQL cluster");
+    Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", version, "main", action])
+        .args(if action == "stop" {
+            &["-m", "fast"][..]
+        } else {
+            &[]
+        })
+        .output()
+        .expect("pg_ctlcluster runs")
+}
+
+/// Starts PostgreSQL again however the test ends.
+struct StartPostgresOnDrop;
+
+impl Drop for StartPostgresOnDrop {
+    fn drop(&mut self) {
+        let _ = pg_ctlcluster("start");
+    }
+}
+
+/// What a stream of registrations was told.
+#[derive(Debug, Default)]
+struct Answers {
+    created: usize,
+    unavailable: usize,
+    other: Vec<(u16, serde_json::Value)>,
+}
+
+/// Registers users one after another, on alternating replicas, until
+/// `stop` is set (at most 5000, for at most two minutes).
+async fn keep_registering(
+    bases: Vec<String>,
+    run: String,
+    stop: Arc<AtomicBool>,
+) -> Answers {
+    let client = support::client();
+    let mut answers = Answers::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for i in 1_000..6_000 {
+        if stop.load(Ordering::Relaxed) || std::time::Instant::now() > deadline
+        {
+            break;
+        }
+        let base = &bases[i % bases.len()];
+        let response = client
+            .post(format!("{base}/user/register"))
+            .json(&user(&run, i))
+            .send()
+            .await
+            .expect("the users service answers");
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        match status {
+            201 => answers.created += 1,
+            503 if body["error"]["code"] == "unavailable" => {
+                answers.unavailable += 1
+            }
+            _ => answers.other.push((status, body)),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    answers
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ and PostgreSQL: set HERALD_TEST_AMQP_URL and \
+            HERALD_TEST_POSTGRES_URL"]
+async fn postgresql_restarted_under_load_gives_clear_503s_then_recovers() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    purge_mailer_queue();
+    let cluster = Cluster::start();
+    let run = run_id();
+    cluster.register(&run, 0..5).await;
+    assert_emails(&cluster.new_mail(), 5, WAIT).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let bases = cluster.users.iter().map(|u| u.base().to_owned()).collect();
+    let load = tokio::spawn(keep_registering(bases, run.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let restart = StartPostgresOnDrop;
+    let stopped = pg_ctlcluster("stop");
+    assert!(stopped.status.success(), "{stopped:?}");
+
+    // While it is down: a clear 503, and readiness says why.
+    let (status, body) = cluster.users[0].register(user(&run, 999)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let ready = support::client()
+        .get(format!("{}/readyz", cluster.users[1].base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["checks"]["store"], false, "{ready}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let started = pg_ctlcluster("start");
+    assert!(started.status.success(), "{started:?}");
+    drop(restart);
+
+    // Without restarting any herald process, registrations are taken
+    // again.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut recovered = false;
+    for i in 10_000.. {
+        if cluster.users[i % 2].register(user(&run, i)).await.0 == 201 {
+            recovered = true;
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "no registration was accepted after the restart");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let answers = load.await.unwrap();
+    assert!(answers.other.is_empty(), "{answers:?}");
+    assert!(answers.unavailable > 0, "the load never met the outage");
+
+    // Every stored user is mailed exactly once, and every accepted
+    // registration was stored (one interrupted mid-commit may have been
+    // stored though its client was told 503).
+    let stored = cluster.stored_users();
+    assert!(stored > 5 + answers.created, "{stored} {answers:?}");
+    assert_emails(&cluster.new_mail(), stored, Duration::from_secs(120)).await;
 }
 
 /// A prefix that keeps this run's users apart from earlier runs'.
