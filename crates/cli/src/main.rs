@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("herald: {error:#}");
+            eprintln!("herald: {}", herald::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }

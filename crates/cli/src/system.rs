@@ -190,29 +190,37 @@ impl Store {
             }
             (DatabaseChoice::Postgres(_), BusChoice::Amqp(_)) => None,
         };
+        // PostgreSQL first: when it is unreachable, nothing is written.
+        let postgres = match database {
+            DatabaseChoice::Postgres(url) => {
+                let shown = herald::redact_credentials(url);
+                let db =
+                    postgres::Database::open(url).await.with_context(|| {
+                        format!("cannot connect to PostgreSQL at {shown}")
+                    })?;
+                Some((db, shown))
+            }
+            DatabaseChoice::Sqlite(_) => None,
+        };
         let sqlite = match &sqlite_path {
             Some(path) => Some(open_sqlite(path, args).await?),
             None => None,
         };
         let embedded = sqlite.as_ref().map(|(_, bus)| bus.clone());
 
-        let (db, description) = match (database, sqlite) {
-            (DatabaseChoice::Sqlite(path), Some((db, _))) => {
-                (Db::Sqlite(db), path.display().to_string())
-            }
-            (DatabaseChoice::Postgres(url), _) => {
-                let shown = herald::redact_credentials(url);
-                let db =
-                    postgres::Database::open(url).await.with_context(|| {
-                        format!("cannot connect to PostgreSQL at {shown}")
-                    })?;
+        let (db, description) = match (postgres, sqlite) {
+            (Some((db, shown)), _) => {
                 let description = match &sqlite_path {
                     Some(path) => format!("{shown}, bus in {}", path.display()),
                     None => shown,
                 };
                 (Db::Postgres(db), description)
             }
-            (DatabaseChoice::Sqlite(_), None) => {
+            (None, Some((db, _))) => (
+                Db::Sqlite(db),
+                sqlite_path.unwrap_or_default().display().to_string(),
+            ),
+            (None, None) => {
                 unreachable!("a SQLite choice always opens its file")
             }
         };

@@ -29,12 +29,17 @@ pub use worker::{
 };
 
 /// An error and all its causes, as one line: `outer: cause: root cause`.
+/// A cause whose text the line already holds (some errors repeat their
+/// source in their own message) is not said twice.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         source = cause.source();
     }
     text

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
 use crate::db::Migration;
 
@@ -40,13 +40,23 @@ impl Database {
         let options = options.application_name("herald").options([
             ("statement_timeout", STATEMENT_TIMEOUT),
             ("lock_timeout", LOCK_TIMEOUT),
+            // Notices such as "already exists, skipping" are not news.
+            ("client_min_messages", "warning"),
         ]);
+        // One connection first, so that a server that is down or refuses
+        // us says why, rather than the pool saying it timed out.
+        let first = tokio::time::timeout(
+            ACQUIRE_TIMEOUT,
+            PgConnection::connect_with(&options),
+        )
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        first.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .idle_timeout(Duration::from_secs(60))
-            .connect_with(options)
-            .await?;
+            .connect_lazy_with(options);
         Ok(Database { pool })
     }
 
