@@ -75,10 +75,11 @@ const MAX_IN_FLIGHT: usize = 1024;
 
 #[derive(Debug, Args)]
 pub struct RegisterArgs {
-    /// Base URL of a running users service. Without it, the bench starts
-    /// `herald up` on a fresh data directory and stops it afterwards.
+    /// Base URL of a running users service; give it again for each
+    /// replica, and requests go to them in turn. Without it, the bench
+    /// starts `herald up` on a fresh data directory and stops it after.
     #[arg(long)]
-    target: Option<String>,
+    target: Vec<String>,
 
     /// The Maildir (`new/` inside it) of the target's mailer, to measure
     /// register-to-email latency. Known when the bench starts the system.
@@ -130,19 +131,17 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     }
     let concurrency = args.concurrency as usize;
     // The system under test: given, or started here.
-    let (system, base, mail_dir) = match &args.target {
-        Some(url) => (
-            None,
-            url.trim_end_matches('/').to_owned(),
-            args.mail_dir.clone(),
-        ),
-        None => {
-            let system = System::start()?;
-            let base = system.base.clone();
-            let mail = system.data.path().join("mail");
-            (Some(system), base, Some(mail))
-        }
+    let (system, bases, mail_dir) = if args.target.is_empty() {
+        let system = System::start()?;
+        let bases = vec![system.base.clone()];
+        let mail = system.data.path().join("mail");
+        (Some(system), bases, Some(mail))
+    } else {
+        let bases = args.target.iter();
+        let bases = bases.map(|url| url.trim_end_matches('/').to_owned());
+        (None, bases.collect(), args.mail_dir.clone())
     };
+    let base = bases[0].clone();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(concurrency.max(64))
@@ -150,7 +149,7 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let run_id = format!("{:06x}", fastrand::u32(..0xff_ffff));
     let load = Load {
         client: client.clone(),
-        base: base.clone(),
+        bases: Arc::new(bases),
         run_id,
     };
 
@@ -261,11 +260,11 @@ impl Drop for System {
     }
 }
 
-/// Sends registrations of unique users.
+/// Sends registrations of unique users, to each replica in turn.
 #[derive(Clone)]
 struct Load {
     client: reqwest::Client,
-    base: String,
+    bases: Arc<Vec<String>>,
     run_id: String,
 }
 
@@ -308,9 +307,15 @@ impl Load {
         format!("bench-{}-{n}@example.com", self.run_id)
     }
 
+    /// The registration URL of the replica whose turn request `n` is.
+    fn url(&self, n: u64) -> String {
+        let base = &self.bases[(n % self.bases.len() as u64) as usize];
+        format!("{base}/user/register")
+    }
+
     /// One registration that must succeed, with a clear error if not.
     async fn register(&self, n: u64) -> anyhow::Result<()> {
-        let url = format!("{}/user/register", self.base);
+        let url = self.url(n);
         let response = self
             .client
             .post(&url)
@@ -340,7 +345,7 @@ impl Load {
         let sent_at = SystemTime::now();
         let response = self
             .client
-            .post(format!("{}/user/register", self.base))
+            .post(self.url(n))
             .json(&self.body(n))
             .send()
             .await;
