@@ -29,7 +29,8 @@ mod bus;
 pub enum BenchCommand {
     /// Registrations over HTTP, and the emails they cause.
     Register(RegisterArgs),
-    /// Events through the embedded bus: published, received, acknowledged.
+    /// Events through the bus, embedded or RabbitMQ: published, received,
+    /// acknowledged.
     Bus(BusArgs),
 }
 
