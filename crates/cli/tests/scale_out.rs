@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::{Herald, WAIT};
 use testkit::postgres::TestDatabase;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
@@ -145,12 +145,7 @@ async fn two_users_and_two_mailer_replicas_send_exactly_one_email_each() {
 #[ignore = "needs RabbitMQ and PostgreSQL: set HERALD_TEST_AMQP_URL and \
             HERALD_TEST_POSTGRES_URL"]
 async fn consumption_resumes_after_the_broker_closes_every_connection() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    purge_mailer_queue();
-    let cluster = Cluster::start();
-    let run = run_id();
-    cluster.register(&run, 0..5).await;
-    assert_emails(&cluster.new_mail(), 5, WAIT).await;
+    let (_turn, cluster, run) = working_cluster().await;
 
     let closed = Command::new("rabbitmqctl")
         .args(["close_all_connections", "herald test"])
@@ -193,12 +188,7 @@ impl Drop for RestartOnDrop {
             HERALD_TEST_POSTGRES_URL"]
 async fn registrations_made_while_rabbitmq_is_stopped_are_mailed_once_it_is_back()
  {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    purge_mailer_queue();
-    let cluster = Cluster::start();
-    let run = run_id();
-    cluster.register(&run, 0..5).await;
-    assert_emails(&cluster.new_mail(), 5, WAIT).await;
+    let (_turn, cluster, run) = working_cluster().await;
 
     let restart = RestartOnDrop;
     let stopped = Command::new("rabbitmqctl")
@@ -296,12 +286,7 @@ async fn keep_registering(
 #[ignore = "needs RabbitMQ and PostgreSQL: set HERALD_TEST_AMQP_URL and \
             HERALD_TEST_POSTGRES_URL"]
 async fn postgresql_restarted_under_load_gives_clear_503s_then_recovers() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    purge_mailer_queue();
-    let cluster = Cluster::start();
-    let run = run_id();
-    cluster.register(&run, 0..5).await;
-    assert_emails(&cluster.new_mail(), 5, WAIT).await;
+    let (_turn, cluster, run) = working_cluster().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let bases = cluster.users.iter().map(|u| u.base().to_owned()).collect();
@@ -357,6 +342,18 @@ async fn postgresql_restarted_under_load_gives_clear_503s_then_recovers() {
     let stored = cluster.stored_users();
     assert!(stored > 5 + answers.created, "{stored} {answers:?}");
     assert_emails(&cluster.new_mail(), stored, Duration::from_secs(120)).await;
+}
+
+/// Takes this test's turn and starts a cluster, then sees five users
+/// through it, so that the test begins from a system known to work.
+async fn working_cluster() -> (MutexGuard<'static, ()>, Cluster, String) {
+    let turn = ONE_AT_A_TIME.lock().await;
+    purge_mailer_queue();
+    let cluster = Cluster::start();
+    let run = run_id();
+    cluster.register(&run, 0..5).await;
+    assert_emails(&cluster.new_mail(), 5, WAIT).await;
+    (turn, cluster, run)
 }
 
 /// A prefix that keeps this run's users apart from earlier runs'.
