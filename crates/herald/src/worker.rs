@@ -11,6 +11,11 @@
 //!   handler that panics or runs out of time failed transiently.
 //! - [`HandlerError::Permanent`]: dead-lettered at once.
 //!
+//! A delivery that no handler could make sense of (an event type the
+//! subscription did not ask for, a payload that is not JSON text) is
+//! dead-lettered before the handler runs, with a reason that says what was
+//! wrong: garbage never loops, and never reaches handler code.
+//!
 //! Shutting down stops receiving, lets handlers in flight finish until a
 //! deadline, and hands the rest back to the broker unacknowledged.
 
@@ -141,6 +146,7 @@ pub async fn run(
     let queue = subscription.queue.as_str();
     let options = subscription.options;
     broker.bind(queue, &subscription.event_types).await?;
+    let event_types: Arc<[&'static str]> = subscription.event_types.into();
 
     let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut in_flight = JoinSet::new();
@@ -194,9 +200,16 @@ pub async fn run(
             );
             let broker = broker.clone();
             let handler = handler.clone();
+            let event_types = event_types.clone();
             in_flight.spawn(
                 async move {
-                    settle(&*broker, &*handler, delivery, &options).await;
+                    let outcome = match unhandleable(&delivery, &event_types) {
+                        Some(reason) => Err(HandlerError::Permanent { reason }),
+                        None => {
+                            run_handler(&*handler, &delivery, &options).await
+                        }
+                    };
+                    settle(&*broker, outcome, delivery, &options).await;
                     drop(permit);
                 }
                 .instrument(span),
@@ -234,14 +247,53 @@ async fn drain(mut in_flight: JoinSet<()>, grace: Duration, queue: &str) {
     }
 }
 
-/// Runs the handler on one delivery and settles it by the outcome.
+/// Why `delivery` cannot be handled as sent, whatever the handler: its
+/// event type is not one the subscription asked for, or its payload is not
+/// JSON text. `None` when the handler should have it.
+fn unhandleable(delivery: &Delivery, event_types: &[&str]) -> Option<String> {
+    let envelope = &delivery.envelope;
+    if !event_types.contains(&envelope.event_type.as_str()) {
+        return Some(format!(
+            "unknown event type {:?}: queue {} handles {}",
+            shorten(&envelope.event_type),
+            delivery.queue,
+            event_types.join(", ")
+        ));
+    }
+    if !envelope.content_type.starts_with(crate::envelope::JSON) {
+        return Some(format!(
+            "content type {:?} is not {}",
+            shorten(&envelope.content_type),
+            crate::envelope::JSON
+        ));
+    }
+    if let Err(error) = std::str::from_utf8(&envelope.data) {
+        return Some(format!("the payload is not UTF-8: {error}"));
+    }
+    if let Err(error) =
+        serde_json::from_slice::<serde::de::IgnoredAny>(&envelope.data)
+    {
+        return Some(format!("the payload is not JSON: {error}"));
+    }
+    None
+}
+
+/// Text from a message, cut short enough for a log line or a reason.
+fn shorten(text: &str) -> String {
+    const MAX: usize = 100;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// Settles one delivery by its handler's outcome.
 async fn settle(
     broker: &dyn Broker,
-    handler: &dyn Handler,
+    outcome: Result<(), HandlerError>,
     delivery: Delivery,
     options: &WorkerOptions,
 ) {
-    let outcome = run_handler(handler, &delivery, options).await;
     let event_type = delivery.envelope.event_type.as_str();
     let attempt = delivery.attempt;
 
