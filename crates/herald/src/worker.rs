@@ -17,10 +17,13 @@
 //! wrong: garbage never loops, and never reaches handler code.
 //!
 //! Shutting down stops receiving, lets handlers in flight finish until a
-//! deadline, and hands the rest back to the broker unacknowledged.
+//! deadline, then stops the rest and hands their deliveries back to the
+//! broker, to be delivered again at once: nothing is acknowledged without
+//! having been handled, and nothing waits for a lease to run out.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -150,6 +153,7 @@ pub async fn run(
 
     let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut in_flight = JoinSet::new();
+    let unsettled = Unsettled::default();
     tokio::pin!(shutdown);
 
     loop {
@@ -201,6 +205,8 @@ pub async fn run(
             let broker = broker.clone();
             let handler = handler.clone();
             let event_types = event_types.clone();
+            let unsettled = unsettled.clone();
+            let key = unsettled.hold(&delivery);
             in_flight.spawn(
                 async move {
                     let outcome = match unhandleable(&delivery, &event_types) {
@@ -209,7 +215,8 @@ pub async fn run(
                             run_handler(&*handler, &delivery, &options).await
                         }
                     };
-                    settle(&*broker, outcome, delivery, &options).await;
+                    settle(&*broker, outcome, &delivery, &options).await;
+                    unsettled.settled(key);
                     drop(permit);
                 }
                 .instrument(span),
@@ -220,12 +227,63 @@ pub async fn run(
     }
 
     drain(in_flight, options.shutdown_grace, queue).await;
+    hand_back(&*broker, unsettled.take(), queue).await;
     Ok(())
 }
 
-/// Waits for handlers in flight until `grace` runs out, then abandons the
-/// rest: their deliveries stay leased and unacknowledged, so the broker
-/// offers them again.
+/// The deliveries handed to handlers and not settled yet, so that those
+/// still running at the shutdown deadline can be handed back.
+#[derive(Clone, Default)]
+struct Unsettled {
+    held: Arc<Mutex<HashMap<u64, Delivery>>>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Unsettled {
+    fn hold(&self, delivery: &Delivery) -> u64 {
+        use std::sync::atomic::Ordering;
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.held.lock().unwrap().insert(key, delivery.clone());
+        key
+    }
+
+    fn settled(&self, key: u64) {
+        self.held.lock().unwrap().remove(&key);
+    }
+
+    fn take(&self) -> Vec<Delivery> {
+        self.held.lock().unwrap().drain().map(|(_, d)| d).collect()
+    }
+}
+
+/// Returns deliveries whose handlers were stopped to the broker, to be
+/// delivered again at once without counting the attempt.
+async fn hand_back(
+    broker: &dyn Broker,
+    deliveries: Vec<Delivery>,
+    queue: &str,
+) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let mut handed_back = 0;
+    for delivery in &deliveries {
+        match broker.release(delivery).await {
+            Ok(()) => handed_back += 1,
+            Err(error) => tracing::warn!(
+                queue,
+                event_id = %delivery.envelope.id,
+                error = %error,
+                "could not hand a delivery back; it is delivered again \
+                 when its lease runs out"
+            ),
+        }
+    }
+    tracing::info!(queue, handed_back, "handed unfinished deliveries back");
+}
+
+/// Waits for handlers in flight until `grace` runs out, then stops the
+/// rest.
 async fn drain(mut in_flight: JoinSet<()>, grace: Duration, queue: &str) {
     while in_flight.try_join_next().is_some() {}
     if in_flight.is_empty() {
@@ -240,8 +298,7 @@ async fn drain(mut in_flight: JoinSet<()>, grace: Duration, queue: &str) {
         tracing::warn!(
             queue,
             abandoned = in_flight.len(),
-            "shutdown deadline passed; unfinished deliveries will be \
-             delivered again"
+            "shutdown deadline passed; stopping the handlers still running"
         );
         in_flight.shutdown().await;
     }
@@ -291,7 +348,7 @@ fn shorten(text: &str) -> String {
 async fn settle(
     broker: &dyn Broker,
     outcome: Result<(), HandlerError>,
-    delivery: Delivery,
+    delivery: &Delivery,
     options: &WorkerOptions,
 ) {
     let event_type = delivery.envelope.event_type.as_str();
@@ -300,7 +357,7 @@ async fn settle(
     let settled = match outcome {
         Ok(()) => {
             tracing::debug!(event_type, "handled");
-            broker.ack(&delivery).await
+            broker.ack(delivery).await
         }
         Err(HandlerError::Permanent { reason }) => {
             tracing::warn!(
@@ -308,7 +365,7 @@ async fn settle(
                 reason,
                 "permanent failure; dead-lettered"
             );
-            broker.dead_letter(&delivery, &reason).await
+            broker.dead_letter(delivery, &reason).await
         }
         Err(HandlerError::Transient { reason, .. })
             if attempt >= options.retry.max_attempts =>
@@ -319,7 +376,7 @@ async fn settle(
                 "failed on the last attempt; dead-lettered"
             );
             let reason = format!("gave up after {attempt} attempts: {reason}");
-            broker.dead_letter(&delivery, &reason).await
+            broker.dead_letter(delivery, &reason).await
         }
         Err(HandlerError::Transient {
             reason,
@@ -344,7 +401,7 @@ async fn settle(
                     "transient failure; will retry"
                 );
             }
-            broker.retry(&delivery, delay, &reason).await
+            broker.retry(delivery, delay, &reason).await
         }
     };
 

@@ -465,6 +465,10 @@ async fn shutdown_waits_for_handlers_in_flight_then_hands_back_the_rest() {
         .expect("the worker stops after its grace period")
         .unwrap()
         .unwrap();
-    // Not acknowledged: the message is still on its queue.
+    // Not acknowledged, and handed back: delivered again at once (the
+    // lease of 30 s has not run out), the stopped attempt not counted.
     assert_eq!(fx.broker.depth(QUEUE).await.unwrap(), 1);
+    let again = receive_one(&fx.broker).await;
+    assert_eq!(again.envelope.decode::<Pinged>().unwrap().n, 1);
+    assert_eq!(again.attempt, 1);
 }
