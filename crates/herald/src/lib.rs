@@ -21,7 +21,7 @@ pub mod worker;
 
 pub use broker::amqp::{AmqpBroker, ReconnectingAmqp};
 pub use broker::embedded::EmbeddedBroker;
-pub use broker::{Broker, BusError, DeadLetter, Delivery};
+pub use broker::{Broker, BusError, DeadLetter, DeadLetters, Delivery, Which};
 pub use envelope::{DecodeError, Envelope, Event};
 pub use trace::TraceContext;
 pub use worker::{

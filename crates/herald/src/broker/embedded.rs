@@ -32,7 +32,10 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::watch;
 
 use super::group_commit::{GroupCommit, Op};
-use super::{BoxFuture, Broker, BusError, DeadLetter, Delivery, DeliveryTag};
+use super::{
+    BoxFuture, Broker, BusError, DeadLetter, DeadLetters, Delivery,
+    DeliveryTag, Which,
+};
 use crate::envelope::Envelope;
 use crate::sqlite::{Database, Migration, now_millis};
 
@@ -173,6 +176,66 @@ impl EmbeddedBroker {
         .fetch_all(self.inner.db.reader())
         .await?;
         rows.iter().map(dead_letter_from_row).collect()
+    }
+
+    /// Moves dead letters of `queue` back onto it, ready now, their attempt
+    /// count reset, and wakes this process's consumers (others find them
+    /// at their next poll).
+    async fn replay_dead(
+        &self,
+        queue: &str,
+        which: Which,
+    ) -> Result<usize, BusError> {
+        let (all, id) = which_params(which);
+        let mut tx = self.inner.db.begin().await?;
+        let replayed = sqlx::query(
+            "INSERT INTO bus_messages (queue, event_id, event_type, source,
+                 subject, time, content_type, traceparent, payload,
+                 available_at)
+             SELECT queue, event_id, event_type, source, subject, time,
+                 content_type, traceparent, payload, ?4
+             FROM bus_dead_letters
+             WHERE queue = ?1 AND (?2 OR event_id = ?3)
+             ORDER BY id",
+        )
+        .bind(queue)
+        .bind(all)
+        .bind(&id)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "DELETE FROM bus_dead_letters
+             WHERE queue = ?1 AND (?2 OR event_id = ?3)",
+        )
+        .bind(queue)
+        .bind(all)
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.wake();
+        Ok(replayed as usize)
+    }
+
+    async fn purge_dead(
+        &self,
+        queue: &str,
+        which: Which,
+    ) -> Result<usize, BusError> {
+        let (all, id) = which_params(which);
+        let purged = sqlx::query(
+            "DELETE FROM bus_dead_letters
+             WHERE queue = ?1 AND (?2 OR event_id = ?3)",
+        )
+        .bind(queue)
+        .bind(all)
+        .bind(&id)
+        .execute(self.inner.db.writer())
+        .await?
+        .rows_affected();
+        Ok(purged as usize)
     }
 
     /// Leases up to `max` ready messages of `queue`.
@@ -467,19 +530,56 @@ fn delivery_from_row(row: &SqliteRow) -> Result<Delivery, BusError> {
         tag: DeliveryTag {
             seq: row.try_get("seq")?,
             lease: row.try_get("lease")?,
+            first_failed_at: None,
         },
     })
 }
 
 fn dead_letter_from_row(row: &SqliteRow) -> Result<DeadLetter, BusError> {
     let attempts: i64 = row.try_get("attempts")?;
-    let dead_at: i64 = row.try_get("dead_at")?;
+    let time = |column| -> Result<_, BusError> {
+        let millis: i64 = row.try_get(column)?;
+        Ok(DateTime::from_timestamp_millis(millis).unwrap_or_default())
+    };
     Ok(DeadLetter {
-        id: row.try_get("id")?,
         envelope: crate::db::envelope_from_row(row)?,
         queue: row.try_get("queue")?,
         attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
         reason: row.try_get("reason")?,
-        dead_at: DateTime::from_timestamp_millis(dead_at).unwrap_or_default(),
+        first_failed_at: time("first_failed_at")?,
+        dead_at: time("dead_at")?,
     })
+}
+
+/// `which` as SQL parameters: whether all rows match, else which event id.
+fn which_params(which: Which) -> (bool, String) {
+    match which {
+        Which::All => (true, String::new()),
+        Which::One(id) => (false, id.to_string()),
+    }
+}
+
+impl DeadLetters for EmbeddedBroker {
+    fn list<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>> {
+        Box::pin(self.dead_letters(queue))
+    }
+
+    fn replay<'a>(
+        &'a self,
+        queue: &'a str,
+        which: Which,
+    ) -> BoxFuture<'a, Result<usize, BusError>> {
+        Box::pin(self.replay_dead(queue, which))
+    }
+
+    fn purge<'a>(
+        &'a self,
+        queue: &'a str,
+        which: Which,
+    ) -> BoxFuture<'a, Result<usize, BusError>> {
+        Box::pin(self.purge_dead(queue, which))
+    }
 }

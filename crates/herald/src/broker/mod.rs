@@ -43,17 +43,64 @@ pub struct Delivery {
 pub(crate) struct DeliveryTag {
     pub(crate) seq: i64,
     pub(crate) lease: i64,
+    /// When the message first failed (Unix ms), where the broker keeps it
+    /// in the message rather than in a table.
+    pub(crate) first_failed_at: Option<i64>,
 }
 
 /// A message set aside after it could not be handled.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
-    pub id: i64,
     pub envelope: Envelope,
+    /// The queue it was taken from, and goes back to when replayed.
     pub queue: String,
     pub attempts: u32,
+    /// Why it was set aside: the last error.
     pub reason: String,
+    pub first_failed_at: DateTime<Utc>,
     pub dead_at: DateTime<Utc>,
+}
+
+/// Which dead letters of a queue an operation is for: one, by its event
+/// id, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    One(uuid::Uuid),
+    All,
+}
+
+impl Which {
+    pub fn includes(&self, event_id: uuid::Uuid) -> bool {
+        match self {
+            Which::One(id) => *id == event_id,
+            Which::All => true,
+        }
+    }
+}
+
+/// The dead letters a backend keeps, for people to look at, send back to
+/// their queue, or throw away (`herald dlq`).
+pub trait DeadLetters: Send + Sync {
+    /// The dead letters of `queue`, oldest first.
+    fn list<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>>;
+
+    /// Puts dead letters back on `queue` with a fresh attempt count, to be
+    /// delivered at once; returns how many.
+    fn replay<'a>(
+        &'a self,
+        queue: &'a str,
+        which: Which,
+    ) -> BoxFuture<'a, Result<usize, BusError>>;
+
+    /// Deletes dead letters for good; returns how many.
+    fn purge<'a>(
+        &'a self,
+        queue: &'a str,
+        which: Which,
+    ) -> BoxFuture<'a, Result<usize, BusError>>;
 }
 
 /// A backend of the bus.

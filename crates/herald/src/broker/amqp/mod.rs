@@ -5,8 +5,9 @@
 //! - `herald.events`: a durable topic exchange; events are published to it
 //!   with their type as the routing key.
 //! - One durable queue per subscribing service, bound by event type.
-//! - `<queue>.dead`: the queue's dead letters, with the reason and the
-//!   attempt count in their headers.
+//! - `<queue>.dead`: the queue's dead letters, with the reason, the
+//!   attempt count and the times of the first and the last failure in
+//!   their headers (see [`dead_letters`] for `herald dlq`).
 //! - `<queue>.retry.<N>s`: delay queues with a fixed message TTL that
 //!   dead-letter back to `<queue>` when it runs out. A retry goes to the
 //!   shortest tier at least as long as the delay it asks for, so no broker
@@ -46,6 +47,8 @@ use lapin::{
 };
 use uuid::Uuid;
 
+mod dead_letters;
+
 use super::{BoxFuture, Broker, BusError, Delivery, DeliveryTag};
 use crate::envelope::Envelope;
 use crate::trace::TraceContext;
@@ -58,6 +61,9 @@ const RETRY_TIERS: [u64; 6] = [1, 5, 30, 120, 600, 3600];
 
 const ATTEMPTS: &str = "x-herald-attempts";
 const REASON: &str = "x-herald-reason";
+/// When the message first failed, and when it was dead-lettered (Unix ms).
+const FIRST_FAILED: &str = "x-herald-first-failed-at";
+const DEAD_AT: &str = "x-herald-dead-at";
 const SUBJECT: &str = "ce-subject";
 const TIME: &str = "ce-time";
 const TRACEPARENT: &str = "traceparent";
@@ -376,7 +382,11 @@ impl AmqpBroker {
                     envelope,
                     queue: queue.to_owned(),
                     attempt,
-                    tag: DeliveryTag { seq, lease: 0 },
+                    tag: DeliveryTag {
+                        seq,
+                        lease: 0,
+                        first_failed_at: header_i64(&headers, FIRST_FAILED),
+                    },
                 }))
             }
             Err(reason) => {
@@ -391,6 +401,9 @@ impl AmqpBroker {
                     AMQPValue::LongString(reason.into()),
                 );
                 headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(attempt));
+                let now = AMQPValue::LongLongInt(crate::sqlite::now_millis());
+                headers.insert(FIRST_FAILED.into(), now.clone());
+                headers.insert(DEAD_AT.into(), now);
                 let properties =
                     delivery.properties.clone().with_headers(headers);
                 let dead = Self::dead_letter_queue(queue);
@@ -521,9 +534,7 @@ impl Broker for AmqpBroker {
             .find(|s| Duration::from_secs(*s) >= delay)
             .unwrap_or(RETRY_TIERS[RETRY_TIERS.len() - 1]);
         let target = Self::retry_queue(&delivery.queue, tier);
-        let mut headers = FieldTable::default();
-        headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(delivery.attempt));
-        headers.insert(REASON.into(), AMQPValue::LongString(error.into()));
+        let headers = failure_headers(delivery, error);
         Box::pin(async move { self.move_to(delivery, &target, headers).await })
     }
 
@@ -548,9 +559,9 @@ impl Broker for AmqpBroker {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         let target = Self::dead_letter_queue(&delivery.queue);
-        let mut headers = FieldTable::default();
-        headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(delivery.attempt));
-        headers.insert(REASON.into(), AMQPValue::LongString(reason.into()));
+        let mut headers = failure_headers(delivery, reason);
+        let now = crate::sqlite::now_millis();
+        headers.insert(DEAD_AT.into(), AMQPValue::LongLongInt(now));
         Box::pin(async move { self.move_to(delivery, &target, headers).await })
     }
 
@@ -637,6 +648,30 @@ fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
             Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
         }
         AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The headers a failed delivery carries on: its attempt count, the
+/// error, and when it first failed.
+fn failure_headers(delivery: &Delivery, error: &str) -> FieldTable {
+    let first_failed = delivery
+        .tag
+        .first_failed_at
+        .unwrap_or_else(crate::sqlite::now_millis);
+    let mut headers = FieldTable::default();
+    headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(delivery.attempt));
+    headers.insert(REASON.into(), AMQPValue::LongString(error.into()));
+    headers.insert(FIRST_FAILED.into(), AMQPValue::LongLongInt(first_failed));
+    headers
+}
+
+fn header_i64(headers: &FieldTable, name: &str) -> Option<i64> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
         _ => None,
     }
 }
