@@ -4,6 +4,7 @@
 //! of [`run`] into an exit code; each subcommand lives in its own module.
 
 mod bench;
+mod dlq;
 mod serve;
 mod system;
 mod up;
@@ -41,6 +42,9 @@ enum Command {
     /// replicas.
     #[command(subcommand)]
     Serve(serve::ServeCommand),
+    /// Look at, replay or purge the dead letters of the system's queues.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Measure the system: throughput and latency against its ceilings.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -73,6 +77,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(args).await,
         Command::Serve(command) => serve::run(command).await,
+        Command::Dlq(command) => dlq::run(command).await,
         // Interrupted, the bench still stops the system it started.
         Command::Bench(command) => tokio::select! {
             outcome = bench::run(command) => outcome,

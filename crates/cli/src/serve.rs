@@ -45,7 +45,7 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
 }
 
 async fn users(args: UsersArgs) -> anyhow::Result<()> {
-    let (choice, database) = args.store.choices()?;
+    let (choice, database) = args.store.data.choices()?;
     let listener = system::listen(&args.http).await?;
     let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
@@ -65,9 +65,9 @@ async fn users(args: UsersArgs) -> anyhow::Result<()> {
 }
 
 async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
-    let (choice, database) = args.store.choices()?;
+    let (choice, database) = args.store.data.choices()?;
     let (from, transport) =
-        system::mail_transport(&args.mail, &args.store.data_dir)?;
+        system::mail_transport(&args.mail, &args.store.data.data_dir)?;
     let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
     let (mailer, subscription) =

@@ -33,9 +33,9 @@ use users::store::UserStore;
 
 /// Where a process keeps its data and which bus it speaks to.
 #[derive(Debug, Args)]
-pub struct StoreArgs {
+pub struct DataArgs {
     /// Directory for the SQLite database (herald.db) and, by default, the
-    /// mail. Created if missing.
+    /// mail. The services create it if missing.
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "./var")]
     pub data_dir: PathBuf,
 
@@ -54,6 +54,23 @@ pub struct StoreArgs {
         hide_env_values = true
     )]
     pub broker: String,
+}
+
+impl DataArgs {
+    /// The bus and the database the flags name, checked.
+    pub fn choices(&self) -> anyhow::Result<(BusChoice, DatabaseChoice)> {
+        let bus = BusChoice::parse(&self.broker)?;
+        let database =
+            DatabaseChoice::parse(self.database.as_deref(), &self.data_dir)?;
+        Ok((bus, database))
+    }
+}
+
+/// The data flags, and how the process runs its bus.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
 
     /// Seconds a delivery stays leased to a consumer without renewal; how
     /// long work held by a killed process waits before it is redelivered
@@ -66,16 +83,6 @@ pub struct StoreArgs {
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub shutdown_grace_secs: u64,
-}
-
-impl StoreArgs {
-    /// The bus and the database the flags name, checked.
-    pub fn choices(&self) -> anyhow::Result<(BusChoice, DatabaseChoice)> {
-        let bus = BusChoice::parse(&self.broker)?;
-        let database =
-            DatabaseChoice::parse(self.database.as_deref(), &self.data_dir)?;
-        Ok((bus, database))
-    }
 }
 
 /// Where the users service listens.
@@ -185,8 +192,8 @@ impl Store {
         let sqlite_path = match (database, bus) {
             (DatabaseChoice::Sqlite(path), _) => Some(path.clone()),
             (DatabaseChoice::Postgres(_), BusChoice::Embedded) => {
-                create_dir(&args.data_dir, "data directory")?;
-                Some(args.data_dir.join("herald.db"))
+                create_dir(&args.data.data_dir, "data directory")?;
+                Some(args.data.data_dir.join("herald.db"))
             }
             (DatabaseChoice::Postgres(_), BusChoice::Amqp(_)) => None,
         };

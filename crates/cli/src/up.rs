@@ -20,10 +20,10 @@ pub struct UpArgs {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Check every flag and take the port before writing anything.
-    let (choice, database) = args.store.choices()?;
+    let (choice, database) = args.store.data.choices()?;
     let listener = system::listen(&args.http).await?;
     let (from, transport) =
-        system::mail_transport(&args.mail, &args.store.data_dir)?;
+        system::mail_transport(&args.mail, &args.store.data.data_dir)?;
 
     let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
