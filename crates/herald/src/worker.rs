@@ -125,6 +125,10 @@ pub struct WorkerOptions {
     /// On shutdown, how long handlers in flight may take to finish before
     /// their deliveries are handed back.
     pub shutdown_grace: Duration,
+    /// Handle the events of one key (their `subject`) one at a time, in
+    /// publish order, retries included; events of different keys still
+    /// run in parallel. See [`Broker::bind_ordered`].
+    pub per_key_order: bool,
 }
 
 impl Default for WorkerOptions {
@@ -134,6 +138,7 @@ impl Default for WorkerOptions {
             handler_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             shutdown_grace: Duration::from_secs(30),
+            per_key_order: false,
         }
     }
 }
@@ -148,7 +153,13 @@ pub async fn run(
 ) -> Result<(), BusError> {
     let queue = subscription.queue.as_str();
     let options = subscription.options;
-    broker.bind(queue, &subscription.event_types).await?;
+    if options.per_key_order {
+        broker
+            .bind_ordered(queue, &subscription.event_types)
+            .await?;
+    } else {
+        broker.bind(queue, &subscription.event_types).await?;
+    }
     let event_types: Arc<[&'static str]> = subscription.event_types.into();
 
     let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));

@@ -472,3 +472,91 @@ async fn shutdown_waits_for_handlers_in_flight_then_hands_back_the_rest() {
     assert_eq!(again.envelope.decode::<Pinged>().unwrap().n, 1);
     assert_eq!(again.attempt, 1);
 }
+
+/// Records the order it handles events in, by key, with the attempt;
+/// fails the first attempt at the event numbered `fail_first`.
+struct Ordered {
+    handled: std::sync::Mutex<Vec<(String, u32, u32)>>,
+    fail_first: u32,
+}
+
+impl Handler for Ordered {
+    fn handle<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let n = delivery.envelope.decode::<Pinged>().unwrap().n;
+            if n == self.fail_first && delivery.attempt == 1 {
+                return Err(HandlerError::Transient {
+                    reason: "not yet".into(),
+                    retry_after: Some(Duration::from_millis(300)),
+                });
+            }
+            let key = delivery.envelope.subject.clone().unwrap_or_default();
+            self.handled
+                .lock()
+                .unwrap()
+                .push((key, n, delivery.attempt));
+            Ok(())
+        })
+    }
+}
+
+fn keyed(key: &str, n: u32) -> Envelope {
+    let mut envelope = ping(n);
+    envelope.subject = Some(key.to_owned());
+    envelope
+}
+
+#[tokio::test]
+async fn a_failing_event_holds_back_only_the_later_events_of_its_key() {
+    let fx = fixture(EmbeddedOptions::default()).await;
+    let handler = Arc::new(Ordered {
+        handled: std::sync::Mutex::new(Vec::new()),
+        fail_first: 1,
+    });
+    let subscription = Subscription {
+        queue: QUEUE.into(),
+        event_types: vec![Pinged::TYPE],
+        options: WorkerOptions {
+            per_key_order: true,
+            concurrency: 16,
+            ..WorkerOptions::default()
+        },
+    };
+    let (stop, mut stopped) = watch::channel(false);
+    let running = tokio::spawn(worker::run(
+        Arc::new(fx.broker.clone()),
+        subscription,
+        handler.clone(),
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+    // Key a: 1 (fails once), 2, 3. Key b: 4, 5, 6, published in between.
+    for (key, n) in [("a", 1), ("b", 4), ("a", 2), ("b", 5), ("a", 3), ("b", 6)]
+    {
+        fx.broker.publish(&keyed(key, n)).await.unwrap();
+    }
+    for _ in 0..200 {
+        if handler.handled.lock().unwrap().len() == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+
+    let handled = handler.handled.lock().unwrap().clone();
+    let of = |key: &str| -> Vec<u32> {
+        handled.iter().filter(|h| h.0 == key).map(|h| h.1).collect()
+    };
+    assert_eq!(of("a"), [1, 2, 3], "{handled:?}");
+    assert_eq!(of("b"), [4, 5, 6], "{handled:?}");
+    // Key b did not wait for key a's retry: all of b came before a's 1,
+    // which was handled on its second attempt.
+    let first_a = handled.iter().position(|h| h.0 == "a").unwrap();
+    assert_eq!(handled[first_a].2, 2, "{handled:?}");
+    assert!(first_a >= 3, "b waited for a: {handled:?}");
+}

@@ -39,11 +39,30 @@ use super::{
 use crate::envelope::Envelope;
 use crate::sqlite::{Database, Migration, now_millis};
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "bus bindings, messages and dead letters",
-    sql: include_str!("embedded_schema.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "bus bindings, messages and dead letters",
+        sql: include_str!("embedded_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "queues ordered by key",
+        sql: "CREATE TABLE bus_ordered_queues (
+                  queue TEXT PRIMARY KEY
+              ) WITHOUT ROWID;
+              CREATE INDEX bus_messages_key ON bus_messages (queue, subject, seq)
+                  WHERE subject IS NOT NULL;",
+    },
+];
+
+/// The messages of a queue that may be handed out: in an ordered queue,
+/// only the first waiting message of each key (subject), so that the next
+/// one waits while it is in flight or waiting for a retry. Messages
+/// without a key are never held back.
+const HEAD_OF_KEY: &str = "(m.subject IS NULL OR NOT EXISTS (
+        SELECT 1 FROM bus_messages e
+        WHERE e.queue = m.queue AND e.subject = m.subject AND e.seq < m.seq))";
 
 /// Tuning of the embedded broker.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +102,8 @@ struct Inner {
     leases: Mutex<HashMap<i64, usize>>,
     /// Publishes and acknowledgements, committed in groups.
     writes: GroupCommit,
+    /// Whether each queue looked at so far is ordered by key.
+    ordered: Mutex<HashMap<String, bool>>,
 }
 
 impl EmbeddedBroker {
@@ -103,6 +124,7 @@ impl EmbeddedBroker {
             published,
             leases: Mutex::new(HashMap::new()),
             writes,
+            ordered: Mutex::new(HashMap::new()),
         });
         tokio::spawn(renew_leases(Arc::downgrade(&inner)));
         Ok(EmbeddedBroker { inner })
@@ -247,22 +269,24 @@ impl EmbeddedBroker {
         let lease = fastrand::i64(1..);
         let now = now_millis();
         let lease_end = after(now, self.inner.options.lease);
-        let rows = sqlx::query(
+        let held_back = self.held_back_by_key(queue).await?;
+        let claim = format!(
             "UPDATE bus_messages
              SET attempts = attempts + 1, lease = ?1, available_at = ?2
              WHERE seq IN (
-                 SELECT seq FROM bus_messages
-                 WHERE queue = ?3 AND available_at <= ?4
+                 SELECT seq FROM bus_messages m
+                 WHERE queue = ?3 AND available_at <= ?4 AND {held_back}
                  ORDER BY available_at, seq LIMIT ?5)
-             RETURNING *",
-        )
-        .bind(lease)
-        .bind(lease_end)
-        .bind(queue)
-        .bind(now)
-        .bind(max as i64)
-        .fetch_all(self.inner.db.writer())
-        .await?;
+             RETURNING *"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(claim))
+            .bind(lease)
+            .bind(lease_end)
+            .bind(queue)
+            .bind(now)
+            .bind(max as i64)
+            .fetch_all(self.inner.db.writer())
+            .await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -281,12 +305,15 @@ impl EmbeddedBroker {
         &self,
         queue: &str,
     ) -> Result<Option<i64>, BusError> {
-        let at = sqlx::query_scalar(
-            "SELECT MIN(available_at) FROM bus_messages WHERE queue = ?",
-        )
-        .bind(queue)
-        .fetch_one(self.inner.db.reader())
-        .await?;
+        let held_back = self.held_back_by_key(queue).await?;
+        let next = format!(
+            "SELECT MIN(available_at) FROM bus_messages m
+             WHERE queue = ? AND {held_back}"
+        );
+        let at = sqlx::query_scalar(sqlx::AssertSqlSafe(next))
+            .bind(queue)
+            .fetch_one(self.inner.db.reader())
+            .await?;
         Ok(at)
     }
 
@@ -317,6 +344,30 @@ impl EmbeddedBroker {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// The SQL condition that holds messages back in `queue`: by key when
+    /// the queue is ordered, none otherwise.
+    async fn held_back_by_key(
+        &self,
+        queue: &str,
+    ) -> Result<&'static str, BusError> {
+        let known = self.inner.ordered.lock().unwrap().get(queue).copied();
+        let ordered = match known {
+            Some(ordered) => ordered,
+            None => {
+                let found: Option<String> = sqlx::query_scalar(
+                    "SELECT queue FROM bus_ordered_queues WHERE queue = ?",
+                )
+                .bind(queue)
+                .fetch_optional(self.inner.db.reader())
+                .await?;
+                let mut ordered = self.inner.ordered.lock().unwrap();
+                ordered.insert(queue.to_owned(), found.is_some());
+                found.is_some()
+            }
+        };
+        Ok(if ordered { HEAD_OF_KEY } else { "1" })
     }
 
     /// Forgets a settled delivery, so that its lease is no longer renewed.
@@ -389,6 +440,26 @@ impl Broker for EmbeddedBroker {
                 .await?;
             }
             tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn bind_ordered<'a>(
+        &'a self,
+        queue: &'a str,
+        event_types: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            self.bind(queue, event_types).await?;
+            sqlx::query(
+                "INSERT INTO bus_ordered_queues (queue) VALUES (?)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(queue)
+            .execute(self.inner.db.writer())
+            .await?;
+            let mut ordered = self.inner.ordered.lock().unwrap();
+            ordered.insert(queue.to_owned(), true);
             Ok(())
         })
     }

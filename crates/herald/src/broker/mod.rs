@@ -113,6 +113,17 @@ pub trait Broker: Send + Sync + 'static {
         event_types: &'a [&'a str],
     ) -> BoxFuture<'a, Result<(), BusError>>;
 
+    /// Binds like [`bind`](Self::bind), and makes `queue` hand out the
+    /// events of one key (their `subject`) one at a time, in publish order:
+    /// the next event of a key waits while the one before it is in flight
+    /// or waiting for a retry, and only events of that key wait. Events
+    /// without a subject are not held back.
+    fn bind_ordered<'a>(
+        &'a self,
+        queue: &'a str,
+        event_types: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
     /// Stores `envelope` in every queue bound to its type. Returns once the
     /// event is durable; an event no queue is bound to is an error.
     fn publish<'a>(
@@ -183,4 +194,6 @@ pub enum BusError {
     Timeout { what: &'static str },
     #[error("a stored message is corrupt: {0}")]
     Corrupt(String),
+    #[error("{what} is not available on this backend (queue {queue})")]
+    Unsupported { what: &'static str, queue: String },
 }

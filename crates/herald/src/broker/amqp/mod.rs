@@ -492,6 +492,19 @@ impl Broker for AmqpBroker {
         Box::pin(self.declare(queue, event_types))
     }
 
+    fn bind_ordered<'a>(
+        &'a self,
+        queue: &'a str,
+        _event_types: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            Err(BusError::Unsupported {
+                what: "per-key order",
+                queue: queue.to_owned(),
+            })
+        })
+    }
+
     fn publish<'a>(
         &'a self,
         envelope: &'a Envelope,
@@ -799,6 +812,16 @@ impl Broker for ReconnectingAmqp {
                 }
             }
             self.broker().await?.declare(queue, event_types).await
+        })
+    }
+
+    fn bind_ordered<'a>(
+        &'a self,
+        queue: &'a str,
+        event_types: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            self.broker().await?.bind_ordered(queue, event_types).await
         })
     }
 
