@@ -6,14 +6,18 @@
 #
 #   bench/replicas.sh [rounds] [seconds]
 #
-# Needs a release build, RabbitMQ and PostgreSQL (BENCH_AMQP_URL,
-# BENCH_POSTGRES_URL: a server where the user may create databases).
+# Needs a release build, RabbitMQ with rabbitmqctl on this machine, and
+# PostgreSQL (BENCH_POSTGRES_URL: a server where the user may create
+# databases). Each round runs on a RabbitMQ virtual host and a database of
+# its own, both deleted afterwards, so nothing else on the servers is
+# touched. BENCH_AMQP_SERVER names the broker, without a virtual host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rounds=${1:-2}
 seconds=${2:-15}
-amqp=${BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+server=${BENCH_AMQP_SERVER:-amqp://guest:guest@127.0.0.1:5672}
+amqp_user=${BENCH_AMQP_USER:-guest}
 admin=${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
 herald=./target/release/herald
 work=$(mktemp -d)
@@ -40,8 +44,9 @@ round() {
     psql "$admin" -X -q -c "CREATE DATABASE $name"
     local database="${admin%/*}/$name" dir="$work/$name"
     mkdir -p "$dir"
-    rabbitmqctl -q purge_queue mailer >/dev/null 2>&1 || true
-    export HERALD_BROKER="$amqp" HERALD_DATABASE="$database" HERALD_LOG=warn
+    rabbitmqctl -q add_vhost "$name" >/dev/null
+    rabbitmqctl -q set_permissions -p "$name" "$amqp_user" '.*' '.*' '.*' >/dev/null
+    export HERALD_BROKER="$server/$name" HERALD_DATABASE="$database" HERALD_LOG=warn
 
     "$herald" serve mailer --data-dir "$dir/mailer" --mail-dir "$dir/mail" \
         >"$dir/mailer.log" 2>&1 &
@@ -71,6 +76,7 @@ print(f"replicas {sys.argv[1]}: {reg['per_second']:6.1f} registrations/s, "
 PY
     stop_all
     psql "$admin" -X -q -c "DROP DATABASE $name WITH (FORCE)"
+    rabbitmqctl -q delete_vhost "$name" >/dev/null
 }
 
 for _ in $(seq 1 "$rounds"); do

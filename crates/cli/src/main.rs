@@ -35,8 +35,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the whole system in this process: the users service, the
-    /// embedded bus and the mailer, with everything kept in DATA_DIR.
+    /// Run the whole system in this process: the users service and the
+    /// mailer, on the embedded bus in DATA_DIR unless --broker and
+    /// --database say otherwise.
     Up(up::UpArgs),
     /// Run one service in this process; run several processes for
     /// replicas.
@@ -101,8 +102,15 @@ fn init_logging(filter: &str) -> Result<(), String> {
             ))
         })?;
     }
-    let targets =
+    let mut targets =
         Targets::from_str(filter).map_err(|e| invalid(e.to_string()))?;
+    // lapin logs each message RabbitMQ returns as unroutable whole,
+    // headers and payload, which hold personal data; herald reports the
+    // failure itself, by event id.
+    if !filter.contains("lapin::returned_messages") {
+        targets =
+            targets.with_target("lapin::returned_messages", LevelFilter::OFF);
+    }
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()

@@ -122,8 +122,22 @@ impl BusChoice {
         let text = text.trim();
         if text.is_empty() || text == "embedded" {
             Ok(BusChoice::Embedded)
-        } else if text.starts_with("amqp://") || text.starts_with("amqps://") {
-            Ok(BusChoice::Amqp(text.to_owned()))
+        } else if let Some(url) = with_scheme(text, &["amqp", "amqps"]) {
+            // Check it now: a URL that cannot work should stop the start,
+            // not look like a broker that is down.
+            if let Err(why) = url.parse::<lapin::uri::AMQPUri>() {
+                // Some of these messages quote the URL; say less then.
+                let why = if why.contains('\'') {
+                    "malformed"
+                } else {
+                    &why
+                };
+                anyhow::bail!(
+                    "--broker {} is not a valid AMQP URL: {why}",
+                    herald::redact_credentials(&url)
+                );
+            }
+            Ok(BusChoice::Amqp(url))
         } else {
             anyhow::bail!(
                 "--broker must be `embedded` or an amqp:// or amqps:// URL, \
@@ -154,21 +168,31 @@ impl DatabaseChoice {
         if text.is_empty() {
             return Ok(DatabaseChoice::Sqlite(data_dir.join("herald.db")));
         }
-        if let Some(path) = text.strip_prefix("sqlite://") {
+        if let Some(url) = with_scheme(text, &["sqlite"]) {
+            let path = &url["sqlite://".len()..];
             if path.is_empty() {
                 anyhow::bail!("--database sqlite:// needs a file path");
             }
             return Ok(DatabaseChoice::Sqlite(PathBuf::from(path)));
         }
-        if text.starts_with("postgres://") || text.starts_with("postgresql://")
-        {
-            return Ok(DatabaseChoice::Postgres(text.to_owned()));
+        if let Some(url) = with_scheme(text, &["postgres", "postgresql"]) {
+            return Ok(DatabaseChoice::Postgres(url));
         }
         anyhow::bail!(
             "--database must be sqlite://PATH or a postgres:// URL, not {:?}",
             herald::redact_credentials(text)
         )
     }
+}
+
+/// `text` with its scheme in lower case, when it is a URL with one of
+/// `schemes` (compared without case, as URL schemes are).
+fn with_scheme(text: &str, schemes: &[&str]) -> Option<String> {
+    let (scheme, rest) = text.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    schemes
+        .contains(&scheme.as_str())
+        .then(|| format!("{scheme}://{rest}"))
 }
 
 /// The services' database and, when there is one, the embedded bus.
@@ -246,7 +270,12 @@ impl Store {
                 unreachable!("the embedded bus is opened when chosen")
             }
             (BusChoice::Amqp(url), _) => {
-                Arc::new(ReconnectingAmqp::new(url, AmqpOptions::default()))
+                let broker = ReconnectingAmqp::new(url, AmqpOptions::default());
+                // Connect at once, so readiness is true from the start;
+                // a failure is logged, and tried again on first use.
+                let eager = broker.clone();
+                tokio::spawn(async move { eager.connect().await });
+                Arc::new(broker)
             }
         }
     }

@@ -344,6 +344,125 @@ async fn postgresql_restarted_under_load_gives_clear_503s_then_recovers() {
     assert_emails(&cluster.new_mail(), stored, Duration::from_secs(120)).await;
 }
 
+/// A RabbitMQ virtual host of its own for a test, deleted at the end.
+struct VirtualHost {
+    name: String,
+}
+
+impl VirtualHost {
+    fn create() -> VirtualHost {
+        let name = format!("herald-test-{}", uuid::Uuid::new_v4().simple());
+        for args in [
+            vec!["add_vhost", name.as_str()],
+            vec![
+                "set_permissions",
+                "-p",
+                name.as_str(),
+                "guest",
+                ".*",
+                ".*",
+                ".*",
+            ],
+        ] {
+            let done =
+                Command::new("rabbitmqctl").args(&args).output().unwrap();
+            assert!(done.status.success(), "{done:?}");
+        }
+        VirtualHost { name }
+    }
+
+    /// The test URL's server, on this virtual host.
+    fn url(&self) -> String {
+        let url = amqp_url();
+        let server = url.rsplit_once('/').map_or(url.as_str(), |(s, _)| s);
+        format!("{server}/{}", self.name)
+    }
+}
+
+impl Drop for VirtualHost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn registrations_made_before_any_mailer_wait_and_no_log_shows_the_user() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let vhost = VirtualHost::create();
+    let url = vhost.url();
+    let users_dir = tempfile::tempdir().unwrap();
+    let users = Herald::serve_users_logging(
+        users_dir.path(),
+        &["--broker", url.as_str()],
+        "debug",
+    );
+    // It connects at start, not on its first publish, so readiness says
+    // the broker is there before anything has been registered.
+    let mut ready = serde_json::Value::Null;
+    for _ in 0..100 {
+        ready = support::client()
+            .get(format!("{}/readyz", users.base()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ready["checks"]["broker"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready["checks"]["broker"], true, "{ready}");
+
+    let secret = "correct horse battery";
+    let (status, body) = users
+        .register(json!({
+            "user_id": "early.bird@example.com",
+            "user_name": "Early Bird",
+            "user_password": secret,
+        }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // No queue is bound yet: RabbitMQ returns the event, it stays in the
+    // outbox, and none of it reaches the log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs = users.logs();
+    // Also as a list of byte values, the way a message dump shows them.
+    let as_bytes = |text: &str| {
+        let bytes: Vec<String> = text.bytes().map(|b| b.to_string()).collect();
+        bytes.join(", ")
+    };
+    let address_bytes = as_bytes("early.bird");
+    for private in [
+        "early.bird",
+        "Early Bird",
+        secret,
+        "$argon2",
+        &address_bytes,
+    ] {
+        assert!(!logs.contains(private), "{private:?} in the log:\n{logs}");
+    }
+    assert!(logs.contains("no queue is bound"), "{logs}");
+
+    let mail = tempfile::tempdir().unwrap();
+    let mailer_dir = tempfile::tempdir().unwrap();
+    let _mailer = Herald::serve_mailer(
+        mailer_dir.path(),
+        &[
+            "--broker",
+            url.as_str(),
+            "--mail-dir",
+            mail.path().to_str().unwrap(),
+        ],
+    );
+    // The relay's backoff may have grown to its cap of 30 s meanwhile.
+    assert_emails(&mail.path().join("new"), 1, Duration::from_secs(60)).await;
+}
+
 /// Takes this test's turn and starts a cluster, then sees five users
 /// through it, so that the test begins from a system known to work.
 async fn working_cluster() -> (MutexGuard<'static, ()>, Cluster, String) {

@@ -46,18 +46,71 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// A URL fit for logs: `scheme://user:secret@host` becomes
-/// `scheme://user:***@host`.
+/// `scheme://user:***@host`, and the values of query parameters that carry
+/// secrets (`password`, `token`, ...) become `***`. It errs on the side of
+/// hiding: a URL that is not well formed (a `/` or `?` in the password)
+/// loses everything up to its last `@`, whatever that was.
 pub fn redact_credentials(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let rest = match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{tail}")
+            let user =
+                userinfo.split([':', '/', '?', '#']).next().unwrap_or("");
+            let hidden = if userinfo.len() > user.len() {
+                ":***"
+            } else {
+                ""
+            };
+            format!("{user}{hidden}@{host}")
         }
-        None => url.to_owned(),
+        None => rest.to_owned(),
+    };
+    let Some((path, query)) = rest.split_once('?') else {
+        return format!("{scheme}://{rest}");
+    };
+    const SECRET: [&str; 6] =
+        ["password", "pass", "pwd", "secret", "token", "sslpassword"];
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _))
+                if SECRET.contains(&name.to_ascii_lowercase().as_str()) =>
+            {
+                format!("{name}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{scheme}://{path}?{}", query.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_credentials as redact;
+
+    #[test]
+    fn a_password_in_the_userinfo_is_hidden() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("postgres://me@host/db"), "postgres://me@host/db");
+        assert_eq!(redact("smtp://host:25"), "smtp://host:25");
+    }
+
+    #[test]
+    fn a_password_with_a_slash_or_a_question_mark_is_hidden_whole() {
+        let shown = redact("postgres://me:pa/ss?wo#rd@host:5432/db");
+        assert_eq!(shown, "postgres://me:***@host:5432/db");
+    }
+
+    #[test]
+    fn secrets_in_the_query_are_hidden() {
+        let shown =
+            redact("postgres://me@host/db?password=LEAK&sslmode=disable");
+        assert_eq!(shown, "postgres://me@host/db?password=***&sslmode=disable");
+        assert!(!redact("amqp://h/v?Token=LEAK").contains("LEAK"));
     }
 }

@@ -36,8 +36,17 @@ impl Herald {
 
     /// `herald serve users` on port 0.
     pub fn serve_users(data_dir: &Path, extra: &[&str]) -> Herald {
+        Self::serve_users_logging(data_dir, extra, "warn")
+    }
+
+    /// `herald serve users` on port 0, its log filter at `level`.
+    pub fn serve_users_logging(
+        data_dir: &Path,
+        extra: &[&str],
+        level: &str,
+    ) -> Herald {
         let command = ["serve", "users", "--listen", "127.0.0.1:0"];
-        Self::spawn(&command, data_dir, extra, "warn", "users")
+        Self::spawn(&command, data_dir, extra, level, "users")
     }
 
     /// `herald serve mailer`.

@@ -134,7 +134,7 @@ impl AmqpBroker {
             publisher.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        Ok(AmqpBroker {
+        let broker = AmqpBroker {
             inner: Arc::new(Inner {
                 connection,
                 publisher,
@@ -143,7 +143,29 @@ impl AmqpBroker {
                 held: Mutex::new(HashMap::new()),
                 next_seq: AtomicI64::new(1),
             }),
-        })
+        };
+        // A publisher may come before any consumer has declared anything;
+        // with the exchange there, its events are refused as unroutable
+        // (and wait in its outbox) rather than closing its channel.
+        broker.declare_exchange().await?;
+        Ok(broker)
+    }
+
+    async fn declare_exchange(&self) -> Result<(), BusError> {
+        within(
+            self.timeout(),
+            "declare the events exchange",
+            self.inner.publisher.exchange_declare(
+                EXCHANGE.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
     }
 
     fn timeout(&self) -> Duration {
@@ -183,20 +205,7 @@ impl AmqpBroker {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        within(
-            self.timeout(),
-            "declare the events exchange",
-            channel.exchange_declare(
-                EXCHANGE.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await?;
+        self.declare_exchange().await?;
 
         within(
             self.timeout(),
@@ -774,6 +783,12 @@ impl ReconnectingAmqp {
         );
         *self.inner.current.write().await = Some(broker.clone());
         Ok(broker)
+    }
+
+    /// Connects now rather than on first use, so that readiness tells
+    /// the truth from the start; failing, it is tried again on use.
+    pub async fn connect(&self) -> Result<(), BusError> {
+        self.broker().await.map(drop)
     }
 
     async fn live(&self) -> Option<AmqpBroker> {
