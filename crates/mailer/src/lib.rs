@@ -174,6 +174,14 @@ impl Mailer {
                 return Err(match error {
                     SendError::Transient(why) => HandlerError::transient(why),
                     SendError::Permanent(why) => HandlerError::permanent(why),
+                    SendError::Uncertain(why) => {
+                        tracing::warn!(
+                            reason = why.as_str(),
+                            "delivery is uncertain: the email may have gone \
+                             out; retrying with the same Message-ID"
+                        );
+                        HandlerError::transient(why)
+                    }
                 });
             }
         }

@@ -424,3 +424,118 @@ async fn two_mailers_sharing_postgresql_send_one_email_per_event() {
     }
     assert_eq!(server.received().unwrap().len(), EVENTS);
 }
+
+/// A mock SMTP server that takes every message, but on the first `drops`
+/// connections closes the connection after the message instead of
+/// replying. Returns its port and every message it was sent.
+async fn dropping_smtp_server(
+    drops: usize,
+) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let messages = received.clone();
+    tokio::spawn(async move {
+        let mut connections = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            connections += 1;
+            let drop_after_data = connections <= drops;
+            let messages = messages.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 mock ready\r\n").await.ok()?;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line.to_ascii_uppercase();
+                    if verb.starts_with("DATA") {
+                        write.write_all(b"354 go ahead\r\n").await.ok()?;
+                        let mut message = String::new();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            if line == "." {
+                                break;
+                            }
+                            message.push_str(&line);
+                            message.push('\n');
+                        }
+                        messages.lock().unwrap().push(message);
+                        if drop_after_data {
+                            return Some(());
+                        }
+                        write.write_all(b"250 queued\r\n").await.ok()?;
+                        continue;
+                    }
+                    let answer = if verb.starts_with("EHLO") {
+                        "250 mock\r\n"
+                    } else if verb.starts_with("QUIT") {
+                        "221 bye\r\n"
+                    } else {
+                        "250 ok\r\n"
+                    };
+                    write.write_all(answer.as_bytes()).await.ok()?;
+                }
+                Some(())
+            });
+        }
+    });
+    (port, received)
+}
+
+#[tokio::test]
+async fn a_connection_lost_after_the_message_is_uncertain_and_resent_alike() {
+    let (port, received) = dropping_smtp_server(1).await;
+    let transport = Transport::Smtp(
+        SmtpRelay::from_url(&format!("smtp://127.0.0.1:{port}")).unwrap(),
+    );
+    let event = registered("Alice", "alice@example.com", Locale::English);
+    let from = mailer::DEFAULT_FROM.parse().unwrap();
+    let message = mailer::welcome_message(
+        &from,
+        &event.decode().unwrap(),
+        event.id,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+
+    let first = transport.send("alice", &message).await;
+    assert!(
+        matches!(first, Err(mailer::transport::SendError::Uncertain(_))),
+        "{first:?}"
+    );
+    transport.send("alice", &message).await.unwrap();
+
+    // Sent twice, as the same message: the receiver can tell.
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2);
+    let message_id = |text: &str| {
+        text.lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("message-id:"))
+            .map(str::to_owned)
+    };
+    let id = message_id(&received[0]).expect("a Message-ID");
+    assert!(id.contains(&event.id.to_string()), "{id}");
+    assert_eq!(message_id(&received[1]), Some(id));
+}
+
+#[tokio::test]
+async fn a_refusal_before_the_message_is_not_uncertain() {
+    let port = refusing_smtp_server("451 4.3.0 try later\r\n").await;
+    let transport = Transport::Smtp(
+        SmtpRelay::from_url(&format!("smtp://127.0.0.1:{port}")).unwrap(),
+    );
+    let event = registered("Bob", "bob@example.com", Locale::English);
+    let from = mailer::DEFAULT_FROM.parse().unwrap();
+    let message = mailer::welcome_message(
+        &from,
+        &event.decode().unwrap(),
+        event.id,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let sent = transport.send("bob", &message).await;
+    assert!(
+        matches!(&sent, Err(mailer::transport::SendError::Transient(why)) if why.contains("451")),
+        "{sent:?}"
+    );
+}
