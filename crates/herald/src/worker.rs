@@ -395,24 +395,28 @@ async fn settle(
         }) => {
             let delay =
                 retry_after.unwrap_or_else(|| options.retry.backoff(attempt));
-            // One failure is routine; a run of them is worth a warning
-            // before the message runs out of attempts.
-            if attempt >= 3 {
-                tracing::warn!(
-                    event_type,
-                    reason,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "failing repeatedly; will retry"
-                );
-            } else {
-                tracing::info!(
-                    event_type,
-                    reason,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "transient failure; will retry"
-                );
+            let scheduled = broker.retry(delivery, delay, &reason).await;
+            if let Ok(wait) = &scheduled {
+                let retry_in_ms = wait.as_millis() as u64;
+                // One failure is routine; a run of them is worth a warning
+                // before the message runs out of attempts.
+                if attempt >= 3 {
+                    tracing::warn!(
+                        event_type,
+                        reason,
+                        retry_in_ms,
+                        "failing repeatedly; will retry"
+                    );
+                } else {
+                    tracing::info!(
+                        event_type,
+                        reason,
+                        retry_in_ms,
+                        "transient failure; will retry"
+                    );
+                }
             }
-            broker.retry(delivery, delay, &reason).await
+            scheduled.map(drop)
         }
     };
 

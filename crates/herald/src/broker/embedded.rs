@@ -495,9 +495,12 @@ impl Broker for EmbeddedBroker {
         delivery: &'a Delivery,
         delay: Duration,
         error: &'a str,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
+    ) -> BoxFuture<'a, Result<Duration, BusError>> {
         let at = after(now_millis(), delay);
-        Box::pin(self.update_held(delivery, at, 0, Some(error)))
+        Box::pin(async move {
+            self.update_held(delivery, at, 0, Some(error)).await?;
+            Ok(delay)
+        })
     }
 
     fn release<'a>(

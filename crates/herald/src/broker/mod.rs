@@ -147,12 +147,13 @@ pub trait Broker: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), BusError>>;
 
     /// The delivery failed for now: offer it again after `delay`.
+    /// Returns the wait actually scheduled, which a backend may round.
     fn retry<'a>(
         &'a self,
         delivery: &'a Delivery,
         delay: Duration,
         error: &'a str,
-    ) -> BoxFuture<'a, Result<(), BusError>>;
+    ) -> BoxFuture<'a, Result<Duration, BusError>>;
 
     /// The delivery was never handled (the consumer is stopping): offer it
     /// again at once, without counting the attempt.

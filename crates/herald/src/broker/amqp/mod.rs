@@ -9,9 +9,10 @@
 //!   attempt count and the times of the first and the last failure in
 //!   their headers (see [`dead_letters`] for `herald dlq`).
 //! - `<queue>.retry.<N>s`: delay queues with a fixed message TTL that
-//!   dead-letter back to `<queue>` when it runs out. A retry goes to the
-//!   shortest tier at least as long as the delay it asks for, so no broker
-//!   plugin is needed and a long delay never blocks a short one.
+//!   dead-letter back to `<queue>` when it runs out, doubling from 1 s to
+//!   an hour. A retry waits in the tier nearest the delay it asks for
+//!   (within a factor of 1.5), so no broker plugin is needed and a long
+//!   delay never blocks a short one.
 //!
 //! Every message is persistent and every publish waits for the broker's
 //! confirm; a nack, a return (nothing bound) or a timeout is an error. A
@@ -56,8 +57,23 @@ use crate::trace::TraceContext;
 /// The exchange every event is published to.
 pub const EXCHANGE: &str = "herald.events";
 
-/// Delay tiers of the retry queues, in seconds.
-const RETRY_TIERS: [u64; 6] = [1, 5, 30, 120, 600, 3600];
+/// Delay tiers of the retry queues, in seconds: doubling, so that any
+/// wait up to the longest is kept within a factor of 1.5, and the
+/// jitter of a backoff survives.
+const RETRY_TIERS: [u64; 13] =
+    [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600];
+
+/// The tier nearest to `delay`, compared on a log scale: the longest tier
+/// at most 1.5 times `delay` (the shortest when `delay` is shorter still).
+fn retry_tier(delay: Duration) -> u64 {
+    let limit = delay.as_secs_f64() * 1.5;
+    RETRY_TIERS
+        .iter()
+        .copied()
+        .take_while(|tier| *tier as f64 <= limit)
+        .last()
+        .unwrap_or(RETRY_TIERS[0])
+}
 
 const ATTEMPTS: &str = "x-herald-attempts";
 const REASON: &str = "x-herald-reason";
@@ -549,15 +565,14 @@ impl Broker for AmqpBroker {
         delivery: &'a Delivery,
         delay: Duration,
         error: &'a str,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
-        let tier = RETRY_TIERS
-            .iter()
-            .copied()
-            .find(|s| Duration::from_secs(*s) >= delay)
-            .unwrap_or(RETRY_TIERS[RETRY_TIERS.len() - 1]);
+    ) -> BoxFuture<'a, Result<Duration, BusError>> {
+        let tier = retry_tier(delay);
         let target = Self::retry_queue(&delivery.queue, tier);
         let headers = failure_headers(delivery, error);
-        Box::pin(async move { self.move_to(delivery, &target, headers).await })
+        Box::pin(async move {
+            self.move_to(delivery, &target, headers).await?;
+            Ok(Duration::from_secs(tier))
+        })
     }
 
     fn release<'a>(
@@ -867,7 +882,7 @@ impl Broker for ReconnectingAmqp {
         delivery: &'a Delivery,
         delay: Duration,
         error: &'a str,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
+    ) -> BoxFuture<'a, Result<Duration, BusError>> {
         Box::pin(async move {
             self.settling().await?.retry(delivery, delay, error).await
         })
@@ -892,5 +907,31 @@ impl Broker for ReconnectingAmqp {
 
     fn is_ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(async move { self.live().await.is_some() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_waits_in_the_tier_nearest_its_delay() {
+        let tier = |secs: f64| retry_tier(Duration::from_secs_f64(secs));
+        assert_eq!(tier(0.2), 1);
+        assert_eq!(tier(1.0), 1);
+        assert_eq!(tier(3.0), 4);
+        assert_eq!(tier(10.0), 8);
+        assert_eq!(tier(600.0), 512);
+        assert_eq!(tier(100_000.0), 3600);
+        for millis in (500..4_000_000).step_by(997) {
+            let delay = Duration::from_millis(millis).as_secs_f64();
+            let chosen = retry_tier(Duration::from_millis(millis)) as f64;
+            if (1.0..=3600.0).contains(&delay) {
+                assert!(
+                    chosen <= delay * 1.5 && chosen >= delay / 1.5,
+                    "{delay} {chosen}"
+                );
+            }
+        }
     }
 }
