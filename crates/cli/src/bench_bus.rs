@@ -103,7 +103,9 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
                 &args,
             )
             .await;
-            delete_queues(url, &AmqpBroker::queues_of(&queue)).await;
+            if let Err(error) = broker.delete(&queue).await {
+                tracing::warn!(error = %error, "could not delete {queue}");
+            }
             broker.close().await;
             let raw = raw_lapin(url, &format!("{queue}-raw"), &args).await;
             delete_queues(url, &[format!("{queue}-raw")]).await;

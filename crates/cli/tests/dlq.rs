@@ -193,20 +193,6 @@ async fn dead_letters_on_rabbitmq_are_listed_and_replayed_to_their_queue() {
     let listed = dlq_json(&[&["list"][..], &target].concat());
     assert_eq!(listed, Value::Array(vec![]));
 
-    for name in AmqpBroker::queues_of(&queue) {
-        let connection = lapin::Connection::connect(
-            &url,
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let _ = channel
-            .queue_delete(
-                name.into(),
-                lapin::options::QueueDeleteOptions::default(),
-            )
-            .await;
-    }
+    broker.delete(&queue).await.unwrap();
     broker.close().await;
 }

@@ -15,7 +15,6 @@ use herald::{
 };
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeleteOptions,
 };
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -90,12 +89,7 @@ impl Fixture {
     }
 
     async fn cleanup(self) {
-        let channel = self.raw().await;
-        for queue in AmqpBroker::queues_of(&self.queue) {
-            let _ = channel
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
-                .await;
-        }
+        self.broker.delete(&self.queue).await.unwrap();
         self.broker.close().await;
     }
 }

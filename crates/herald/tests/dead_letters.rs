@@ -10,8 +10,6 @@ use herald::sqlite::Database;
 use herald::{
     AmqpBroker, Broker, DeadLetters, Delivery, EmbeddedBroker, Envelope, Which,
 };
-use lapin::options::QueueDeleteOptions;
-use lapin::{Connection, ConnectionProperties};
 use uuid::Uuid;
 
 async fn receive_one(broker: &dyn Broker, queue: &str) -> Delivery {
@@ -139,14 +137,6 @@ async fn rabbitmq_dead_letters_can_be_listed_replayed_and_purged() {
     )
     .await;
 
-    let connection = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    for queue in AmqpBroker::queues_of(&queue) {
-        let _ = channel
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
-    }
+    broker.delete(&queue).await.unwrap();
     broker.close().await;
 }

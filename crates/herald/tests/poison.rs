@@ -18,7 +18,7 @@ use herald::{
     AmqpBroker, Broker, Delivery, EmbeddedBroker, Envelope, Event, Handler,
     HandlerError, Subscription,
 };
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 use lapin::{Connection, ConnectionProperties};
 use serde::{Deserialize, Serialize};
@@ -256,10 +256,6 @@ async fn garbage_on_rabbitmq_is_dead_lettered_at_once_with_its_reason() {
     )
     .await;
 
-    for queue in AmqpBroker::queues_of(&queue) {
-        let _ = channel
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
-    }
+    broker.delete(&queue).await.unwrap();
     broker.close().await;
 }

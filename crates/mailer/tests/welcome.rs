@@ -482,6 +482,14 @@ async fn dropping_smtp_server(
     (port, received)
 }
 
+/// The welcome email the mailer would build for `event`.
+fn welcome_for(event: &Envelope) -> lettre::Message {
+    let from = mailer::DEFAULT_FROM.parse().unwrap();
+    let now = std::time::SystemTime::now();
+    mailer::welcome_message(&from, &event.decode().unwrap(), event.id, now)
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_connection_lost_after_the_message_is_uncertain_and_resent_alike() {
     let (port, received) = dropping_smtp_server(1).await;
@@ -489,14 +497,7 @@ async fn a_connection_lost_after_the_message_is_uncertain_and_resent_alike() {
         SmtpRelay::from_url(&format!("smtp://127.0.0.1:{port}")).unwrap(),
     );
     let event = registered("Alice", "alice@example.com", Locale::English);
-    let from = mailer::DEFAULT_FROM.parse().unwrap();
-    let message = mailer::welcome_message(
-        &from,
-        &event.decode().unwrap(),
-        event.id,
-        std::time::SystemTime::now(),
-    )
-    .unwrap();
+    let message = welcome_for(&event);
 
     let first = transport.send("alice", &message).await;
     assert!(
@@ -525,14 +526,7 @@ async fn a_refusal_before_the_message_is_not_uncertain() {
         SmtpRelay::from_url(&format!("smtp://127.0.0.1:{port}")).unwrap(),
     );
     let event = registered("Bob", "bob@example.com", Locale::English);
-    let from = mailer::DEFAULT_FROM.parse().unwrap();
-    let message = mailer::welcome_message(
-        &from,
-        &event.decode().unwrap(),
-        event.id,
-        std::time::SystemTime::now(),
-    )
-    .unwrap();
+    let message = welcome_for(&event);
     let sent = transport.send("bob", &message).await;
     assert!(
         matches!(&sent, Err(mailer::transport::SendError::Transient(why)) if why.contains("451")),

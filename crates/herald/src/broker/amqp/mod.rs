@@ -39,6 +39,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -203,12 +204,24 @@ impl AmqpBroker {
         format!("{queue}.retry.{seconds}s")
     }
 
-    /// The queues [`bind`](Broker::bind) declares for `queue`, itself
-    /// included: for tests and tools that clean up.
-    pub fn queues_of(queue: &str) -> Vec<String> {
+    /// Deletes `queue` with the dead-letter and retry queues
+    /// [`bind`](Broker::bind) declared for it, messages and all: for tests
+    /// and tools that clean up.
+    pub async fn delete(&self, queue: &str) -> Result<(), BusError> {
         let mut names = vec![queue.to_owned(), Self::dead_letter_queue(queue)];
         names.extend(RETRY_TIERS.iter().map(|s| Self::retry_queue(queue, *s)));
-        names
+        for name in names {
+            within(
+                self.timeout(),
+                "delete a queue",
+                self.inner.publisher.queue_delete(
+                    name.as_str().into(),
+                    QueueDeleteOptions::default(),
+                ),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     async fn declare(
