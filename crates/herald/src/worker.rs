@@ -160,11 +160,21 @@ pub async fn run(
     } else {
         broker.bind(queue, &subscription.event_types).await?;
     }
-    let event_types: Arc<[&'static str]> = subscription.event_types.into();
+    let context = Arc::new(Context {
+        broker: broker.clone(),
+        handler,
+        event_types: subscription.event_types.into(),
+        options,
+        unsettled: Unsettled::default(),
+        // Where the broker cannot keep a key's order across a retry, the
+        // worker retries in place, holding the key's later events.
+        retry_in_place: options.per_key_order
+            && !broker.keeps_order_across_retries(),
+    });
+    let lanes = Lanes::default();
 
     let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut in_flight = JoinSet::new();
-    let unsettled = Unsettled::default();
     tokio::pin!(shutdown);
 
     loop {
@@ -201,45 +211,172 @@ pub async fn run(
                     .try_acquire_owned()
                     .expect("received no more than the free slots"),
             };
-            // Every log line of the handling carries the delivery's ids.
-            let span = tracing::info_span!(
-                "delivery",
-                queue,
-                event_id = %delivery.envelope.id,
-                attempt = delivery.attempt,
-                trace_id = delivery
-                    .envelope
-                    .traceparent
-                    .map(|t| t.trace_id())
-                    .unwrap_or_default(),
-            );
-            let broker = broker.clone();
-            let handler = handler.clone();
-            let event_types = event_types.clone();
-            let unsettled = unsettled.clone();
-            let key = unsettled.hold(&delivery);
-            in_flight.spawn(
-                async move {
-                    let outcome = match unhandleable(&delivery, &event_types) {
-                        Some(reason) => Err(HandlerError::Permanent { reason }),
-                        None => {
-                            run_handler(&*handler, &delivery, &options).await
-                        }
-                    };
-                    settle(&*broker, outcome, &delivery, &options).await;
-                    unsettled.settled(key);
-                    drop(permit);
+            let job = Job {
+                unsettled: context.unsettled.hold(&delivery),
+                delivery,
+                permit,
+            };
+            let key = job.delivery.envelope.subject.clone();
+            match key.filter(|_| options.per_key_order) {
+                // One lane per key: its events run one at a time, in order.
+                Some(key) => {
+                    if let Some(job) = lanes.enqueue(&key, job) {
+                        let (context, lanes) = (context.clone(), lanes.clone());
+                        in_flight.spawn(async move {
+                            lanes.run(&key, job, &context).await;
+                        });
+                    }
                 }
-                .instrument(span),
-            );
+                None => {
+                    let context = context.clone();
+                    in_flight.spawn(async move { context.handle(job).await });
+                }
+            }
         }
         // Reap finished handlers so the set does not grow without bound.
         while in_flight.try_join_next().is_some() {}
     }
 
     drain(in_flight, options.shutdown_grace, queue).await;
-    hand_back(&*broker, unsettled.take(), queue).await;
+    hand_back(&*broker, context.unsettled.take(), queue).await;
     Ok(())
+}
+
+/// What every handling task of a worker shares.
+struct Context {
+    broker: Arc<dyn Broker>,
+    handler: Arc<dyn Handler>,
+    event_types: Arc<[&'static str]>,
+    options: WorkerOptions,
+    unsettled: Unsettled,
+    retry_in_place: bool,
+}
+
+/// A delivery to handle, with its slot of the worker's concurrency.
+struct Job {
+    delivery: Delivery,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    unsettled: u64,
+}
+
+/// How long an ordered event may be held, retried in place, before it is
+/// given up: below RabbitMQ's consumer timeout (30 minutes by default),
+/// which would otherwise take it away mid-retry.
+const IN_PLACE_HOLD_LIMIT: Duration = Duration::from_secs(25 * 60);
+
+impl Context {
+    /// Handles one delivery and settles it, every log line of it carrying
+    /// the delivery's ids.
+    async fn handle(&self, job: Job) {
+        let Job {
+            mut delivery,
+            permit,
+            unsettled,
+        } = job;
+        let span = tracing::info_span!(
+            "delivery",
+            queue = delivery.queue.as_str(),
+            event_id = %delivery.envelope.id,
+            attempt = delivery.attempt,
+            trace_id = delivery
+                .envelope
+                .traceparent
+                .map(|t| t.trace_id())
+                .unwrap_or_default(),
+        );
+        async {
+            let outcome = self.outcome(&mut delivery).await;
+            settle(&*self.broker, outcome, &delivery, &self.options).await;
+        }
+        .instrument(span)
+        .await;
+        self.unsettled.settled(unsettled);
+        drop(permit);
+    }
+
+    /// The handler's outcome for `delivery`, after any retries in place.
+    async fn outcome(
+        &self,
+        delivery: &mut Delivery,
+    ) -> Result<(), HandlerError> {
+        if let Some(reason) = unhandleable(delivery, &self.event_types) {
+            return Err(HandlerError::Permanent { reason });
+        }
+        let held_since = tokio::time::Instant::now();
+        loop {
+            let outcome =
+                run_handler(&*self.handler, delivery, &self.options).await;
+            let Err(HandlerError::Transient {
+                reason,
+                retry_after,
+            }) = &outcome
+            else {
+                return outcome;
+            };
+            let policy = &self.options.retry;
+            if !self.retry_in_place || delivery.attempt >= policy.max_attempts {
+                return outcome;
+            }
+            let delay =
+                retry_after.unwrap_or_else(|| policy.backoff(delivery.attempt));
+            if held_since.elapsed() + delay > IN_PLACE_HOLD_LIMIT {
+                return Err(HandlerError::permanent(format!(
+                    "gave up after holding it in order for {:?}: {reason}",
+                    held_since.elapsed()
+                )));
+            }
+            tracing::info!(
+                reason = reason.as_str(),
+                retry_in_ms = delay.as_millis() as u64,
+                "transient failure; retrying in place to keep its key in order"
+            );
+            tokio::time::sleep(delay).await;
+            delivery.attempt += 1;
+        }
+    }
+}
+
+/// The events waiting behind the one in flight, for each key that has
+/// one in flight.
+#[derive(Clone, Default)]
+struct Lanes {
+    waiting: Arc<Mutex<HashMap<String, std::collections::VecDeque<Job>>>>,
+}
+
+impl Lanes {
+    /// Queues `job` behind its key's event in flight; returns it when the
+    /// key has none, for the caller to start a lane with.
+    fn enqueue(&self, key: &str, job: Job) -> Option<Job> {
+        let mut waiting = self.waiting.lock().unwrap();
+        match waiting.get_mut(key) {
+            Some(queue) => {
+                queue.push_back(job);
+                None
+            }
+            None => {
+                waiting.insert(key.to_owned(), Default::default());
+                Some(job)
+            }
+        }
+    }
+
+    /// Handles `first`, then each event of `key` that queued behind it, in
+    /// order, until none is left.
+    async fn run(&self, key: &str, first: Job, context: &Context) {
+        let mut job = first;
+        loop {
+            context.handle(job).await;
+            let mut waiting = self.waiting.lock().unwrap();
+            let next = waiting.get_mut(key).and_then(|queue| queue.pop_front());
+            match next {
+                Some(next) => job = next,
+                None => {
+                    waiting.remove(key);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The deliveries handed to handlers and not settled yet, so that those

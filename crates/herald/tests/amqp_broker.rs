@@ -315,3 +315,110 @@ async fn a_worker_over_rabbitmq_retries_then_acknowledges() {
     running.await.unwrap().unwrap();
     fx.cleanup().await;
 }
+
+/// Records the order events are handled in, by key, across workers; fails
+/// the first attempt at every third event.
+#[derive(Default)]
+struct KeyOrder {
+    handled: std::sync::Mutex<Vec<(String, u32)>>,
+    failed_once: std::sync::Mutex<std::collections::HashSet<u32>>,
+}
+
+impl Handler for KeyOrder {
+    fn handle<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let n: Pinged = serde_json::from_slice(&delivery.envelope.data)
+                .map_err(|e| HandlerError::permanent(e.to_string()))?;
+            if n.n % 3 == 1 && self.failed_once.lock().unwrap().insert(n.n) {
+                return Err(HandlerError::Transient {
+                    reason: "not yet".into(),
+                    retry_after: Some(Duration::from_millis(100)),
+                });
+            }
+            let key = delivery.envelope.subject.clone().unwrap_or_default();
+            self.handled.lock().unwrap().push((key, n.n));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn two_ordered_consumers_keep_each_keys_order_through_retries() {
+    let fx = Fixture::new().await;
+    let handler = Arc::new(KeyOrder::default());
+    let options = WorkerOptions {
+        per_key_order: true,
+        concurrency: 16,
+        ..WorkerOptions::default()
+    };
+    let subscription = Subscription {
+        queue: fx.queue.clone(),
+        event_types: vec![fx.event_type],
+        options,
+    };
+    // Two consumers, as two processes would be: each its own connection.
+    let (stop, stopped) = watch::channel(false);
+    let mut workers = Vec::new();
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let broker = AmqpBroker::connect(&url(), AmqpOptions::default())
+            .await
+            .unwrap();
+        let mut stopped = stopped.clone();
+        workers.push(tokio::spawn(worker::run(
+            Arc::new(broker.clone()),
+            subscription.clone(),
+            handler.clone(),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        )));
+        consumers.push(broker);
+    }
+    // Let both bind and subscribe before anything is published.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    const KEYS: u32 = 6;
+    const PER_KEY: u32 = 10;
+    for i in 0..PER_KEY {
+        for k in 0..KEYS {
+            let mut event = fx.ping(k * 100 + i);
+            event.subject = Some(format!("key-{k}"));
+            fx.broker.publish(&event).await.unwrap();
+        }
+    }
+    for _ in 0..400 {
+        if handler.handled.lock().unwrap().len() == (KEYS * PER_KEY) as usize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    for worker in workers {
+        worker.await.unwrap().unwrap();
+    }
+
+    let handled = handler.handled.lock().unwrap().clone();
+    assert_eq!(handled.len(), (KEYS * PER_KEY) as usize, "{handled:?}");
+    for k in 0..KEYS {
+        let key = format!("key-{k}");
+        let order: Vec<u32> = handled
+            .iter()
+            .filter(|(of, _)| *of == key)
+            .map(|(_, n)| *n)
+            .collect();
+        let expected: Vec<u32> = (0..PER_KEY).map(|i| k * 100 + i).collect();
+        assert_eq!(order, expected, "{key}");
+    }
+    for broker in consumers {
+        broker.close().await;
+    }
+    for partition in AmqpBroker::partitions_of(&fx.queue) {
+        fx.broker.delete(&partition).await.unwrap();
+    }
+    fx.cleanup().await;
+}

@@ -140,3 +140,42 @@ async fn rabbitmq_dead_letters_can_be_listed_replayed_and_purged() {
     broker.delete(&queue).await.unwrap();
     broker.close().await;
 }
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_replay_to_a_queue_that_is_gone_fails_and_keeps_the_dead_letter() {
+    let url = std::env::var("HERALD_TEST_AMQP_URL")
+        .expect("needs RabbitMQ: set HERALD_TEST_AMQP_URL");
+    let unique = Uuid::new_v4().simple().to_string();
+    let queue = format!("herald-test-{unique}");
+    let event_type: &'static str =
+        Box::leak(format!("test.pinged.{unique}").into_boxed_str());
+    let broker = AmqpBroker::connect(&url, AmqpOptions::default())
+        .await
+        .unwrap();
+    broker.bind(&queue, &[event_type]).await.unwrap();
+    broker.publish(&ping(event_type, 1)).await.unwrap();
+    let delivery = receive_one(&broker, &queue).await;
+    broker.dead_letter(&delivery, "refused").await.unwrap();
+
+    // The queue goes (its dead letters stay).
+    let connection = lapin::Connection::connect(
+        &url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+
+    assert!(broker.replay(&queue, Which::All).await.is_err());
+    assert_eq!(broker.list(&queue).await.unwrap().len(), 1);
+    broker.delete(&queue).await.unwrap();
+    broker.close().await;
+}

@@ -464,6 +464,11 @@ impl Broker for EmbeddedBroker {
         })
     }
 
+    /// A retried event stays the first of its key, holding the rest back.
+    fn keeps_order_across_retries(&self) -> bool {
+        true
+    }
+
     fn publish<'a>(
         &'a self,
         envelope: &'a Envelope,

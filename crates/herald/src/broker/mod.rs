@@ -124,6 +124,13 @@ pub trait Broker: Send + Sync + 'static {
         event_types: &'a [&'a str],
     ) -> BoxFuture<'a, Result<(), BusError>>;
 
+    /// Whether a retried delivery of an ordered queue still comes before
+    /// the later events of its key. When not, workers retry such events
+    /// in place.
+    fn keeps_order_across_retries(&self) -> bool {
+        false
+    }
+
     /// Stores `envelope` in every queue bound to its type. Returns once the
     /// event is durable; an event no queue is bound to is an error.
     fn publish<'a>(
@@ -195,6 +202,4 @@ pub enum BusError {
     Timeout { what: &'static str },
     #[error("a stored message is corrupt: {0}")]
     Corrupt(String),
-    #[error("{what} is not available on this backend (queue {queue})")]
-    Unsupported { what: &'static str, queue: String },
 }

@@ -6,17 +6,19 @@
 //! without acknowledging them (at most [`MAX_SCANNED`]). It acknowledges
 //! those it is done with (sent back to their queue, or purged) and closes
 //! the channel, which returns the others to the dead-letter queue. A replayed message
-//! is published back to its queue, with a confirm, before its dead letter
-//! is acknowledged, so a failure in between leaves it in both places
-//! rather than in neither.
+//! is published back to its queue (through the slots exchange of an
+//! ordered subscription, to the partition of its key), as mandatory and
+//! with a confirm, before its dead letter is acknowledged: a failure in
+//! between leaves it in both places rather than in neither, and a queue
+//! that is not there is an error, not a loss.
 
 use chrono::{DateTime, Utc};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueuePurgeOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
 use uuid::Uuid;
 
 use super::{
@@ -94,6 +96,7 @@ impl AmqpBroker {
         queue: &str,
         which: Which,
     ) -> Result<usize, BusError> {
+        let target = self.replay_target(queue).await?;
         let (channel, taken) = self.take_dead_letters(queue).await?;
         let mut replayed = 0;
         let mut outcome = Ok(());
@@ -101,7 +104,7 @@ impl AmqpBroker {
             if !which.includes(event_id_of(&delivery.properties)) {
                 continue;
             }
-            outcome = self.send_back(&channel, queue, delivery).await;
+            outcome = self.send_back(&channel, &target, delivery).await;
             if outcome.is_err() {
                 break;
             }
@@ -111,20 +114,63 @@ impl AmqpBroker {
         outcome.map(|()| replayed)
     }
 
-    /// Publishes a dead letter to `queue` afresh, then acknowledges it.
+    /// Where the dead letters of `queue` go back to: the queue itself, by
+    /// the default exchange, or for an ordered subscription its slots
+    /// exchange, which puts each in the partition of its key.
+    async fn replay_target(&self, queue: &str) -> Result<Target, BusError> {
+        let slots = format!("{queue}.slots");
+        // A passive declare of a missing exchange closes its channel: use
+        // one of its own.
+        let probe = self.dead_letter_channel().await?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let exists = within(
+            self.timeout(),
+            "look for a slots exchange",
+            probe.exchange_declare(
+                slots.as_str().into(),
+                ExchangeKind::Headers,
+                passive,
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .is_ok();
+        close(self, probe).await;
+        Ok(if exists {
+            Target {
+                exchange: slots,
+                routing_key: String::new(),
+            }
+        } else {
+            Target {
+                exchange: String::new(),
+                routing_key: queue.to_owned(),
+            }
+        })
+    }
+
+    /// Publishes a dead letter to `target` afresh, then acknowledges it.
+    /// Published as mandatory: a target that routes it nowhere is an
+    /// error, and the dead letter stays.
     async fn send_back(
         &self,
         channel: &Channel,
-        queue: &str,
+        target: &Target,
         delivery: &lapin::message::Delivery,
     ) -> Result<(), BusError> {
         let properties = fresh_properties(&delivery.properties);
         let confirm = within(self.timeout(), "replay a dead letter", async {
             channel
                 .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
+                    target.exchange.as_str().into(),
+                    target.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     &delivery.data,
                     properties,
                 )
@@ -132,10 +178,13 @@ impl AmqpBroker {
                 .await
         })
         .await?;
-        if !confirm.is_ack() {
-            return Err(BusError::Nacked);
+        match confirm {
+            Confirmation::Ack(None) => acknowledge(self, delivery).await,
+            Confirmation::Ack(Some(_)) => Err(BusError::Unroutable {
+                event_type: format!("replayed to {}", target.describe()),
+            }),
+            _ => Err(BusError::Nacked),
         }
-        acknowledge(self, delivery).await
     }
 
     async fn purge_dead(
@@ -172,6 +221,22 @@ impl AmqpBroker {
         }
         close(self, channel).await;
         outcome.map(|()| purged)
+    }
+}
+
+/// An exchange and routing key to publish to.
+struct Target {
+    exchange: String,
+    routing_key: String,
+}
+
+impl Target {
+    fn describe(&self) -> String {
+        if self.exchange.is_empty() {
+            format!("queue {}", self.routing_key)
+        } else {
+            format!("exchange {}", self.exchange)
+        }
     }
 }
 

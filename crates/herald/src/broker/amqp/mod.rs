@@ -50,10 +50,17 @@ use lapin::{
 use uuid::Uuid;
 
 mod dead_letters;
+mod ordered;
+
+pub use ordered::PARTITIONS;
 
 use super::{BoxFuture, Broker, BusError, Delivery, DeliveryTag};
 use crate::envelope::Envelope;
 use crate::trace::TraceContext;
+
+/// Deliveries from one queue, or from the partitions of an ordered one.
+type Deliveries =
+    futures_lite::stream::Boxed<Result<lapin::message::Delivery, lapin::Error>>;
 
 /// The exchange every event is published to.
 pub const EXCHANGE: &str = "herald.events";
@@ -116,11 +123,13 @@ struct Inner {
     publisher: Channel,
     options: AmqpOptions,
     /// One consumer per queue, created on the first receive.
-    consumers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Consumer>>>>,
+    consumers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Deliveries>>>>,
     /// The acker of each unsettled delivery, by the sequence number its
     /// [`DeliveryTag`] carries.
     held: Mutex<HashMap<i64, Acker>>,
     next_seq: AtomicI64,
+    /// The queues bound in order by key (see [`ordered`]).
+    ordered: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for AmqpBroker {
@@ -159,6 +168,7 @@ impl AmqpBroker {
                 consumers: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashMap::new()),
                 next_seq: AtomicI64::new(1),
+                ordered: Mutex::new(std::collections::HashSet::new()),
             }),
         };
         // A publisher may come before any consumer has declared anything;
@@ -332,7 +342,7 @@ impl AmqpBroker {
     async fn consumer(
         &self,
         queue: &str,
-    ) -> Result<Arc<tokio::sync::Mutex<Consumer>>, BusError> {
+    ) -> Result<Arc<tokio::sync::Mutex<Deliveries>>, BusError> {
         if let Some(consumer) = self.inner.consumers.lock().unwrap().get(queue)
         {
             return Ok(consumer.clone());
@@ -352,18 +362,35 @@ impl AmqpBroker {
             ),
         )
         .await?;
-        let tag = format!("herald-{queue}-{}", Uuid::new_v4().simple());
-        let consumer = within(
-            self.timeout(),
-            "start consuming",
-            channel.basic_consume(
-                queue.into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
+        // An ordered queue is consumed through its partitions, starting at
+        // a random one so that processes subscribing together tend to
+        // become active on different partitions.
+        let mut sources = vec![queue.to_owned()];
+        if self.inner.ordered.lock().unwrap().contains(queue) {
+            sources = Self::partitions_of(queue);
+            let start = fastrand::usize(..sources.len());
+            sources.rotate_left(start);
+        }
+        let mut merged: Option<Deliveries> = None;
+        for source in &sources {
+            let tag = format!("herald-{source}-{}", Uuid::new_v4().simple());
+            let consumer: Consumer = within(
+                self.timeout(),
+                "start consuming",
+                channel.basic_consume(
+                    source.as_str().into(),
+                    tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            merged = Some(match merged {
+                None => consumer.boxed(),
+                Some(others) => others.or(consumer).boxed(),
+            });
+        }
+        let consumer = merged.expect("a queue has at least one source");
         let consumer = Arc::new(tokio::sync::Mutex::new(consumer));
         self.inner
             .consumers
@@ -533,14 +560,9 @@ impl Broker for AmqpBroker {
     fn bind_ordered<'a>(
         &'a self,
         queue: &'a str,
-        _event_types: &'a [&'a str],
+        event_types: &'a [&'a str],
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(async move {
-            Err(BusError::Unsupported {
-                what: "per-key order",
-                queue: queue.to_owned(),
-            })
-        })
+        Box::pin(self.declare_ordered(queue, event_types))
     }
 
     fn publish<'a>(
@@ -644,6 +666,8 @@ fn properties(envelope: &Envelope, mut headers: FieldTable) -> BasicProperties {
         TIME.into(),
         AMQPValue::LongString(envelope.time.to_rfc3339().into()),
     );
+    let slot = ordered::slot_of(envelope).to_string();
+    headers.insert(ordered::SLOT.into(), AMQPValue::LongString(slot.into()));
     if let Some(trace) = envelope.traceparent {
         headers.insert(
             TRACEPARENT.into(),
@@ -757,7 +781,8 @@ struct Supervisor {
     /// One connection attempt at a time.
     connecting: tokio::sync::Mutex<()>,
     /// Every binding declared, to declare again after a reconnect.
-    bindings: Mutex<Vec<(String, Vec<String>)>>,
+    /// Every binding made so far: queue, event types, and whether ordered.
+    bindings: Mutex<Vec<(String, Vec<String>, bool)>>,
 }
 
 impl std::fmt::Debug for ReconnectingAmqp {
@@ -801,9 +826,13 @@ impl ReconnectingAmqp {
                 );
             })?;
         let bindings = self.inner.bindings.lock().unwrap().clone();
-        for (queue, types) in &bindings {
+        for (queue, types, ordered) in &bindings {
             let types: Vec<&str> = types.iter().map(String::as_str).collect();
-            broker.declare(queue, &types).await?;
+            if *ordered {
+                broker.declare_ordered(queue, &types).await?;
+            } else {
+                broker.declare(queue, &types).await?;
+            }
         }
         tracing::info!(
             url = %crate::redact_credentials(&self.inner.url),
@@ -811,6 +840,16 @@ impl ReconnectingAmqp {
         );
         *self.inner.current.write().await = Some(broker.clone());
         Ok(broker)
+    }
+
+    /// Notes a binding, to declare again on every new connection.
+    fn remember(&self, queue: &str, event_types: &[&str], ordered: bool) {
+        let mut bindings = self.inner.bindings.lock().unwrap();
+        let types = event_types.iter().map(|t| t.to_string()).collect();
+        let binding = (queue.to_owned(), types, ordered);
+        if !bindings.contains(&binding) {
+            bindings.push(binding);
+        }
     }
 
     /// Connects now rather than on first use, so that readiness tells
@@ -844,16 +883,7 @@ impl Broker for ReconnectingAmqp {
         event_types: &'a [&'a str],
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
-            {
-                let mut bindings = self.inner.bindings.lock().unwrap();
-                let binding = (
-                    queue.to_owned(),
-                    event_types.iter().map(|t| t.to_string()).collect(),
-                );
-                if !bindings.contains(&binding) {
-                    bindings.push(binding);
-                }
-            }
+            self.remember(queue, event_types, false);
             self.broker().await?.declare(queue, event_types).await
         })
     }
@@ -864,7 +894,11 @@ impl Broker for ReconnectingAmqp {
         event_types: &'a [&'a str],
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
-            self.broker().await?.bind_ordered(queue, event_types).await
+            self.remember(queue, event_types, true);
+            self.broker()
+                .await?
+                .declare_ordered(queue, event_types)
+                .await
         })
     }
 
