@@ -90,7 +90,8 @@ async fn list(target: &Target) -> anyhow::Result<()> {
     let store = open(target).await?;
     let mut letters = Vec::new();
     for queue in target.queues() {
-        letters.extend(store.list(&queue).await?);
+        let listed = store.list(&queue).await;
+        letters.extend(listed.map_err(|e| missing(e, &queue))?);
     }
     if target.json {
         let listed: Vec<Value> = letters.iter().map(summary).collect();
@@ -127,7 +128,8 @@ async fn show(id: Uuid, target: &Target) -> anyhow::Result<()> {
     let store = open(target).await?;
     let mut found = None;
     for queue in target.queues() {
-        let letters = store.list(&queue).await?;
+        let letters =
+            store.list(&queue).await.map_err(|e| missing(e, &queue))?;
         if let Some(letter) = letters.into_iter().find(|l| l.envelope.id == id)
         {
             found = Some(letter);
@@ -195,9 +197,7 @@ where
     for queue in target.queues() {
         let count = operation(store.clone(), queue.clone(), which)
             .await
-            .with_context(|| {
-                format!("cannot work on the dead letters of {queue}")
-            })?;
+            .map_err(|e| missing(e, &queue))?;
         total += count;
         counts.insert(queue, json!(count));
     }
@@ -217,10 +217,15 @@ where
 impl Target {
     fn queues(&self) -> Vec<String> {
         if self.queue.is_empty() {
-            vec![mailer::QUEUE.to_owned()]
-        } else {
-            self.queue.clone()
+            return vec![mailer::QUEUE.to_owned()];
         }
+        let mut queues = Vec::new();
+        for queue in &self.queue {
+            if !queues.contains(queue) {
+                queues.push(queue.clone());
+            }
+        }
+        queues
     }
 }
 
@@ -256,11 +261,40 @@ async fn open(target: &Target) -> anyhow::Result<Arc<dyn DeadLetters>> {
             let db = herald::sqlite::Database::open(&path)
                 .await
                 .with_context(|| format!("cannot open {}", path.display()))?;
+            // Opening the bus would create its tables: first make sure
+            // this is a herald database, and leave any other file alone.
+            let bus: Option<String> = sqlx::query_scalar(
+                "SELECT name FROM sqlite_master
+                 WHERE type = 'table' AND name = 'bus_dead_letters'",
+            )
+            .fetch_optional(db.reader())
+            .await
+            .with_context(|| format!("cannot read {}", path.display()))?;
+            if bus.is_none() {
+                bail!(
+                    "{} is not a herald database (it has no bus tables)",
+                    path.display()
+                );
+            }
             let broker = EmbeddedBroker::open(db, EmbeddedOptions::default())
                 .await
                 .context("cannot read the embedded bus")?;
             Ok(Arc::new(broker))
         }
+    }
+}
+
+/// The error, said plainly when it is a queue that does not exist.
+fn missing(error: herald::BusError, queue: &str) -> anyhow::Error {
+    let text = herald::error_chain(&error);
+    if text.contains("NOT_FOUND") || text.contains("NOT-FOUND") {
+        anyhow::anyhow!(
+            "the broker has no dead-letter queue for {queue}: has a service \
+             consumed {queue} on this --broker?"
+        )
+    } else {
+        anyhow::Error::new(error)
+            .context(format!("cannot work on the dead letters of {queue}"))
     }
 }
 
@@ -277,27 +311,36 @@ fn summary(letter: &DeadLetter) -> Value {
     })
 }
 
-/// A dead letter whole: its summary, its attributes and its payload, as
-/// JSON when it is JSON, else as text, else in base64.
+/// A dead letter whole: its summary, its attributes, anything else the
+/// message carried, and its payload exactly as it was sent: as text when
+/// it is UTF-8, else in base64 (`payload_base64`).
 fn whole(letter: &DeadLetter) -> Value {
     use base64::Engine;
     let envelope = &letter.envelope;
     let mut whole = summary(letter);
     whole["source"] = json!(envelope.source);
     whole["subject"] = json!(envelope.subject);
-    whole["time"] = json!(envelope.time.to_rfc3339());
+    // A message from another producer may have had no time at all.
+    let known = envelope.time.timestamp() != 0;
+    whole["time"] = json!(known.then(|| envelope.time.to_rfc3339()));
     whole["content_type"] = json!(envelope.content_type);
     whole["traceparent"] = json!(envelope.traceparent.map(|t| t.to_string()));
-    whole["payload"] = match serde_json::from_slice::<Value>(&envelope.data) {
-        Ok(payload) => payload,
-        Err(_) => match std::str::from_utf8(&envelope.data) {
-            Ok(text) => json!(text),
-            Err(_) => json!({
-                "base64": base64::engine::general_purpose::STANDARD
-                    .encode(&envelope.data)
-            }),
-        },
-    };
+    if !letter.headers.is_empty() {
+        let headers: serde_json::Map<String, Value> = letter
+            .headers
+            .iter()
+            .map(|(name, value)| (name.clone(), json!(value)))
+            .collect();
+        whole["headers"] = Value::Object(headers);
+    }
+    match std::str::from_utf8(&envelope.data) {
+        Ok(text) => whole["payload"] = json!(text),
+        Err(_) => {
+            let encoded = base64::engine::general_purpose::STANDARD
+                .encode(&envelope.data);
+            whole["payload_base64"] = json!(encoded);
+        }
+    }
     whole
 }
 

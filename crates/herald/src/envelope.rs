@@ -89,8 +89,28 @@ pub enum DecodeError {
     },
     #[error("unsupported content type {0:?}; herald reads application/json")]
     ContentType(String),
-    #[error("payload does not match the event's contract: {0}")]
-    Payload(#[source] serde_json::Error),
+    /// Said without the serde message, which quotes the offending value
+    /// (an address, say) word for word: only where it is and what kind of
+    /// mistake it is.
+    #[error(
+        "payload does not match the event's contract ({kind} at line {line} \
+         column {column})",
+        kind = contract_error_kind(.0),
+        line = .0.line(),
+        column = .0.column()
+    )]
+    Payload(serde_json::Error),
+}
+
+fn contract_error_kind(error: &serde_json::Error) -> &'static str {
+    match error.classify() {
+        serde_json::error::Category::Data => {
+            "a field is missing or of the wrong type or value"
+        }
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Eof => "the JSON ends early",
+        serde_json::error::Category::Io => "it could not be read",
+    }
 }
 
 #[cfg(test)]
@@ -152,5 +172,26 @@ mod tests {
         envelope.data = br#"{"target":5}"#.to_vec();
         let error = envelope.decode::<Pinged>().err().unwrap();
         assert!(matches!(error, DecodeError::Payload(_)), "{error}");
+    }
+
+    #[test]
+    fn a_contract_error_never_quotes_the_payload() {
+        #[derive(Debug, Serialize, serde::Deserialize)]
+        enum Kind {
+            Plain,
+        }
+        #[derive(Debug, Serialize, serde::Deserialize)]
+        struct Typed {
+            kind: Kind,
+        }
+        impl Event for Typed {
+            const TYPE: &'static str = "test.typed.v1";
+        }
+        let mut envelope =
+            Envelope::new("/test", &Typed { kind: Kind::Plain }, None).unwrap();
+        envelope.data = br#"{"kind":"leak@example.com"}"#.to_vec();
+        let said = envelope.decode::<Typed>().err().unwrap().to_string();
+        assert!(!said.contains("leak"), "{said}");
+        assert!(said.contains("line 1"), "{said}");
     }
 }

@@ -422,3 +422,20 @@ async fn two_ordered_consumers_keep_each_keys_order_through_retries() {
     }
     fx.cleanup().await;
 }
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_released_delivery_comes_back_without_its_attempt_counted() {
+    let fx = Fixture::new().await;
+    let sent = fx.ping(7);
+    fx.broker.publish(&sent).await.unwrap();
+    let first = fx.receive_one(&fx.broker).await;
+    assert_eq!(first.attempt, 1);
+    fx.broker.release(&first).await.unwrap();
+
+    let again = fx.receive_one(&fx.broker).await;
+    assert_eq!(again.envelope.id, sent.id);
+    assert_eq!(again.attempt, 1);
+    fx.broker.ack(&again).await.unwrap();
+    fx.cleanup().await;
+}

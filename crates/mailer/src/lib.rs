@@ -145,8 +145,8 @@ impl Mailer {
             }
             Claim::Busy(wait) => {
                 return Err(HandlerError::Transient {
-                    reason: "the same event is being mailed by another \
-                             delivery"
+                    reason: "the same event is claimed by another delivery \
+                             sending it now"
                         .into(),
                     retry_after: Some(wait),
                 });
@@ -163,12 +163,14 @@ impl Mailer {
                      have gone out; sending again with the same Message-ID"
                 );
             }
+            let cut_off = CutOff::expire_claim_of(&self.db, envelope.id);
             let sent = self
                 .renewing_claim(
                     envelope.id,
                     self.transport.send(&name, &message),
                 )
                 .await;
+            cut_off.disarm();
             if let Err(error) = sent {
                 self.release(envelope.id).await;
                 return Err(match error {
@@ -321,6 +323,54 @@ impl Mailer {
             "email sent but not recorded; a redelivery after the claim \
              expires would send it again",
         );
+    }
+}
+
+/// Expires an event's claim if the send it guards is dropped unfinished
+/// (the worker stopped the handler at shutdown), so that the next delivery
+/// takes over at once, warning that the email may have gone out, instead
+/// of waiting for the claim to run out.
+struct CutOff {
+    claim: Option<(Db, Uuid)>,
+}
+
+impl CutOff {
+    fn expire_claim_of(db: &Db, event_id: Uuid) -> Self {
+        CutOff {
+            claim: Some((db.clone(), event_id)),
+        }
+    }
+
+    /// The send finished: its outcome settles the claim.
+    fn disarm(mut self) {
+        self.claim = None;
+    }
+}
+
+impl Drop for CutOff {
+    fn drop(&mut self) {
+        let Some((db, event_id)) = self.claim.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let expired = with_pool!(&db, |pool| sqlx::query(
+                "UPDATE mailer_deliveries SET claimed_at = 0
+                 WHERE event_id = $1 AND state = 'sending'",
+            )
+            .bind(event_id.to_string())
+            .execute(pool)
+            .await
+            .map(drop));
+            warn_on_error(
+                expired,
+                event_id,
+                "could not expire the claim of a send cut off; the next \
+                 delivery waits for it to run out",
+            );
+        });
     }
 }
 

@@ -627,6 +627,7 @@ fn dead_letter_from_row(row: &SqliteRow) -> Result<DeadLetter, BusError> {
         reason: row.try_get("reason")?,
         first_failed_at: time("first_failed_at")?,
         dead_at: time("dead_at")?,
+        headers: Vec::new(),
     })
 }
 

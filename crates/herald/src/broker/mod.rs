@@ -59,6 +59,9 @@ pub struct DeadLetter {
     pub reason: String,
     pub first_failed_at: DateTime<Utc>,
     pub dead_at: DateTime<Utc>,
+    /// What else the message carried, as text, where the backend keeps
+    /// more than the envelope (RabbitMQ: headers and properties).
+    pub headers: Vec<(String, String)>,
 }
 
 /// Which dead letters of a queue an operation is for: one, by its event

@@ -314,6 +314,54 @@ fn dead_letter_of(
         reason: header_text(&headers, REASON).unwrap_or_default(),
         first_failed_at: time(FIRST_FAILED),
         dead_at: time(DEAD_AT),
+        headers: headers_of(properties),
+    }
+}
+
+/// Every header of a message, and the properties herald does not read
+/// itself, as text.
+fn headers_of(properties: &BasicProperties) -> Vec<(String, String)> {
+    let mut shown = Vec::new();
+    let text = |value: &Option<lapin::types::ShortString>| {
+        value.as_ref().map(|v| v.as_str().to_owned())
+    };
+    let extra = [
+        ("correlation_id", text(properties.correlation_id())),
+        ("reply_to", text(properties.reply_to())),
+        ("expiration", text(properties.expiration())),
+        ("user_id", text(properties.user_id())),
+        ("content_encoding", text(properties.content_encoding())),
+        ("priority", properties.priority().map(|p| p.to_string())),
+    ];
+    for (name, value) in extra {
+        if let Some(value) = value {
+            shown.push((name.to_owned(), value));
+        }
+    }
+    let headers = properties.headers().clone().unwrap_or_default();
+    for (name, value) in headers.inner() {
+        shown.push((name.as_str().to_owned(), header_value_text(value)));
+    }
+    shown
+}
+
+fn header_value_text(value: &lapin::types::AMQPValue) -> String {
+    use lapin::types::AMQPValue;
+    match value {
+        AMQPValue::LongString(text) => {
+            String::from_utf8_lossy(text.as_bytes()).into_owned()
+        }
+        AMQPValue::ShortString(text) => text.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        other => format!("{other:?}"),
     }
 }
 

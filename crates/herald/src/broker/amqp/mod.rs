@@ -615,6 +615,24 @@ impl Broker for AmqpBroker {
         delivery: &'a Delivery,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
+            let ordered =
+                self.inner.ordered.lock().unwrap().contains(&delivery.queue);
+            if !ordered {
+                // Back to the end of its queue with the attempt uncounted:
+                // a requeue would mark it redelivered, which counts one.
+                let mut headers = FieldTable::default();
+                let attempts = delivery.attempt.saturating_sub(1);
+                headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(attempts));
+                if let Some(first) = delivery.tag.first_failed_at {
+                    headers.insert(
+                        FIRST_FAILED.into(),
+                        AMQPValue::LongLongInt(first),
+                    );
+                }
+                return self.move_to(delivery, &delivery.queue, headers).await;
+            }
+            // An ordered event must keep its place before the later events
+            // of its key: requeue it, though that counts an attempt.
             let acker = self.take_acker(delivery)?;
             let requeue = BasicNackOptions {
                 requeue: true,
@@ -701,7 +719,7 @@ fn envelope_of(
         .ok_or_else(|| format!("the message has no {TIME} header"))?;
     Ok(Envelope {
         id: Uuid::parse_str(&id)
-            .map_err(|e| format!("message_id {id:?} is not a UUID: {e}"))?,
+            .map_err(|_| "message_id is not a UUID".to_owned())?,
         source: text(properties.app_id(), "app_id (the event source)")?,
         event_type: text(properties.kind(), "type (the event type)")?,
         subject: header_text(&headers, SUBJECT),
