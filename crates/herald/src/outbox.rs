@@ -9,6 +9,11 @@
 //! confirmed its event. A publish that fails leaves its row in place, to be
 //! tried again after a backoff, for as long as the broker stays away.
 //!
+//! Events of one key (their subject) are relayed in the order they were
+//! staged: a pass takes only the first waiting event of each key, so the
+//! next one waits while it is being published or waiting for a retry,
+//! in this replica or another.
+//!
 //! A crash between the confirm and the delete publishes the event again:
 //! delivery is at least once, and consumers recognise a repeat by its id.
 
@@ -25,10 +30,11 @@ use crate::db::Migration;
 use crate::sqlite::now_millis;
 use crate::{Broker, BusError, Envelope, postgres};
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "events staged for the broker",
-    sql: "CREATE TABLE herald_outbox (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "events staged for the broker",
+        sql: "CREATE TABLE herald_outbox (
         seq          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         event_id     TEXT NOT NULL,
         event_type   TEXT NOT NULL,
@@ -44,7 +50,14 @@ const MIGRATIONS: &[Migration] = &[Migration {
         last_error   TEXT
     );
     CREATE INDEX herald_outbox_available ON herald_outbox (available_at, seq);",
-}];
+    },
+    Migration {
+        version: 2,
+        description: "events of a key relayed in order",
+        sql: "CREATE INDEX herald_outbox_key ON herald_outbox (subject, seq)
+          WHERE subject IS NOT NULL;",
+    },
+];
 
 /// Events one relay pass locks and publishes at most.
 const BATCH: i64 = 64;
@@ -164,8 +177,11 @@ impl Outbox {
         let rows: Vec<PgRow> = sqlx::query(
             "SELECT seq, attempts, event_id, event_type, source, subject,
                     time, content_type, traceparent, payload
-             FROM herald_outbox
+             FROM herald_outbox o
              WHERE available_at <= $1
+               AND (subject IS NULL OR NOT EXISTS (
+                   SELECT 1 FROM herald_outbox e
+                   WHERE e.subject = o.subject AND e.seq < o.seq))
              ORDER BY seq
              LIMIT $2
              FOR UPDATE SKIP LOCKED",

@@ -28,6 +28,9 @@ pub fn subscription() -> Subscription {
         event_types: vec![UserRegistered::TYPE],
         options: WorkerOptions {
             concurrency: 32,
+            // Events of one key reach the broker in the order they were
+            // staged.
+            per_key_order: true,
             retry: RetryPolicy {
                 max_attempts: u32::MAX,
                 base: Duration::from_millis(500),
