@@ -2,6 +2,8 @@
 //! (e.g. amqp://guest:guest@127.0.0.1:5672/%2f) and run with
 //! `cargo test -- --include-ignored`.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -19,6 +21,7 @@ use lapin::options::{
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde::{Deserialize, Serialize};
+use support::amqp_url as url;
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,12 +34,6 @@ impl Event for Pinged {
     const TYPE: &'static str = "test.pinged.v1";
 }
 
-const NEEDS: &str = "needs RabbitMQ: set HERALD_TEST_AMQP_URL";
-
-fn url() -> String {
-    std::env::var("HERALD_TEST_AMQP_URL").expect(NEEDS)
-}
-
 /// A queue and an event type of its own for each test, so tests can
 /// share the broker; the queues are deleted at the end.
 struct Fixture {
@@ -47,10 +44,9 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Self {
-        let unique = uuid::Uuid::new_v4().simple().to_string();
-        let queue = format!("herald-test-{unique}");
-        let event_type: &'static str =
-            Box::leak(format!("test.pinged.{unique}").into_boxed_str());
+        let support::Names {
+            queue, event_type, ..
+        } = support::unique_names();
         let broker = AmqpBroker::connect(&url(), AmqpOptions::default())
             .await
             .unwrap();

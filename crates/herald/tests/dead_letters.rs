@@ -12,6 +12,8 @@ use herald::{
 };
 use uuid::Uuid;
 
+mod support;
+
 async fn receive_one(broker: &dyn Broker, queue: &str) -> Delivery {
     let batch =
         tokio::time::timeout(Duration::from_secs(10), broker.receive(queue, 1))
@@ -123,12 +125,10 @@ async fn embedded_dead_letters_can_be_listed_replayed_and_purged() {
 #[tokio::test]
 #[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
 async fn rabbitmq_dead_letters_can_be_listed_replayed_and_purged() {
-    let url = std::env::var("HERALD_TEST_AMQP_URL")
-        .expect("needs RabbitMQ: set HERALD_TEST_AMQP_URL");
-    let unique = Uuid::new_v4().simple().to_string();
-    let queue = format!("herald-test-{unique}");
-    let event_type: &'static str =
-        Box::leak(format!("test.pinged.{unique}").into_boxed_str());
+    let url = support::amqp_url();
+    let support::Names {
+        queue, event_type, ..
+    } = support::unique_names();
     let broker = AmqpBroker::connect(&url, AmqpOptions::default())
         .await
         .unwrap();
@@ -144,12 +144,10 @@ async fn rabbitmq_dead_letters_can_be_listed_replayed_and_purged() {
 #[tokio::test]
 #[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
 async fn a_replay_to_a_queue_that_is_gone_fails_and_keeps_the_dead_letter() {
-    let url = std::env::var("HERALD_TEST_AMQP_URL")
-        .expect("needs RabbitMQ: set HERALD_TEST_AMQP_URL");
-    let unique = Uuid::new_v4().simple().to_string();
-    let queue = format!("herald-test-{unique}");
-    let event_type: &'static str =
-        Box::leak(format!("test.pinged.{unique}").into_boxed_str());
+    let url = support::amqp_url();
+    let support::Names {
+        queue, event_type, ..
+    } = support::unique_names();
     let broker = AmqpBroker::connect(&url, AmqpOptions::default())
         .await
         .unwrap();

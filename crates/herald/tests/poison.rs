@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+mod support;
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Pinged {
     n: u32,
@@ -202,13 +204,12 @@ async fn garbage_on_the_embedded_bus_is_dead_lettered_at_once_with_its_reason()
 #[tokio::test]
 #[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
 async fn garbage_on_rabbitmq_is_dead_lettered_at_once_with_its_reason() {
-    let url = std::env::var("HERALD_TEST_AMQP_URL")
-        .expect("needs RabbitMQ: set HERALD_TEST_AMQP_URL");
-    let unique = Uuid::new_v4().simple().to_string();
-    let queue = format!("herald-test-{unique}");
-    let event_type: &'static str =
-        Box::leak(format!("test.pinged.{unique}").into_boxed_str());
-    let stray_type = format!("test.stray.{unique}");
+    let url = support::amqp_url();
+    let support::Names {
+        queue,
+        event_type,
+        stray_type,
+    } = support::unique_names();
     let broker = AmqpBroker::connect(&url, AmqpOptions::default())
         .await
         .unwrap();
