@@ -182,7 +182,7 @@ async fn through_herald(
     let mut publishers = tokio::task::JoinSet::new();
     for count in shares(args.events, args.publishers) {
         let broker = broker.clone();
-        let data = vec![b'x'; args.size];
+        let data = payload(args.size);
         publishers.spawn(async move {
             for _ in 0..count {
                 let envelope = Envelope {
@@ -191,7 +191,7 @@ async fn through_herald(
                     event_type: event_type.into(),
                     subject: None,
                     time: chrono::Utc::now(),
-                    content_type: "application/octet-stream".into(),
+                    content_type: herald::envelope::JSON.into(),
                     traceparent: None,
                     data: data.clone(),
                 };
@@ -276,7 +276,7 @@ async fn raw_lapin(
     for count in shares(args.events, args.publishers) {
         let channel = publisher.clone();
         let queue = queue.to_owned();
-        let data = vec![b'x'; args.size];
+        let data = payload(args.size);
         publishers.spawn(async move {
             for _ in 0..count {
                 let confirm = channel
@@ -313,6 +313,15 @@ fn shares(total: u64, parts: u64) -> Vec<u64> {
     (0..parts)
         .map(|p| total / parts + u64::from(p < total % parts))
         .collect()
+}
+
+/// A JSON payload of `size` bytes (a string of `x`), as handlers expect
+/// JSON: a worker dead-letters anything else before its handler runs.
+fn payload(size: usize) -> Vec<u8> {
+    let mut data = vec![b'x'; size.max(2)];
+    data[0] = b'"';
+    *data.last_mut().expect("at least two bytes") = b'"';
+    data
 }
 
 async fn wait_for<T>(done: impl Future<Output = T>) -> anyhow::Result<T> {

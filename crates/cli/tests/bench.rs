@@ -1,0 +1,22 @@
+//! `herald bench bus` runs to the end on the embedded bus: every event it
+//! publishes must reach its handler, or it would wait for them in vain.
+
+use std::process::Command;
+
+#[test]
+fn the_bus_benchmark_gets_every_event_through_and_reports_a_rate() {
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["bench", "bus", "--events", "300", "--json"])
+        .env("HERALD_LOG", "warn")
+        .output()
+        .expect("herald runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    assert_eq!(report["events"], 300);
+    assert!(
+        report["herald"]["end_to_end_per_second"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+}
