@@ -268,20 +268,14 @@ impl Mailer {
             tokio::select! {
                 done = &mut send => return done,
                 _ = ticks.tick() => {
-                    let renewed = with_pool!(&self.db, |pool| sqlx::query(
-                        "UPDATE mailer_deliveries SET claimed_at = $1
-                         WHERE event_id = $2 AND state = 'sending'",
-                    )
-                    .bind(now_millis())
-                    .bind(event_id.to_string())
-                    .execute(pool)
-                    .await
-                    .map(drop));
-                    warn_on_error(
-                        renewed,
+                    update_claim(
+                        &self.db,
+                        "UPDATE mailer_deliveries SET claimed_at = $2
+                         WHERE event_id = $1 AND state = 'sending'",
                         event_id,
                         "could not renew the claim on a send in progress",
-                    );
+                    )
+                    .await;
                 }
             }
         }
@@ -289,40 +283,29 @@ impl Mailer {
 
     /// Gives up a claim after a failed send, so a retry can take it.
     async fn release(&self, event_id: Uuid) {
-        let released = with_pool!(&self.db, |pool| sqlx::query(
+        update_claim(
+            &self.db,
             "DELETE FROM mailer_deliveries
-             WHERE event_id = $1 AND state = 'sending'",
-        )
-        .bind(event_id.to_string())
-        .execute(pool)
-        .await
-        .map(drop));
-        warn_on_error(
-            released,
+             WHERE event_id = $1 AND state = 'sending' AND $2 > 0",
             event_id,
             "could not release the claim; a retry waits for it to expire",
-        );
+        )
+        .await;
     }
 
     /// Notes that the event's email went out. The email is sent already,
     /// so a failure here is logged, not retried: retrying would send it
     /// again.
     async fn mark_sent(&self, event_id: Uuid) {
-        let recorded = with_pool!(&self.db, |pool| sqlx::query(
-            "UPDATE mailer_deliveries SET state = 'sent', delivered_at = $1
-             WHERE event_id = $2",
-        )
-        .bind(now_millis())
-        .bind(event_id.to_string())
-        .execute(pool)
-        .await
-        .map(drop));
-        warn_on_error(
-            recorded,
+        update_claim(
+            &self.db,
+            "UPDATE mailer_deliveries SET state = 'sent', delivered_at = $2
+             WHERE event_id = $1",
             event_id,
             "email sent but not recorded; a redelivery after the claim \
              expires would send it again",
-        );
+        )
+        .await;
     }
 }
 
@@ -356,22 +339,37 @@ impl Drop for CutOff {
             return;
         };
         runtime.spawn(async move {
-            let expired = with_pool!(&db, |pool| sqlx::query(
+            update_claim(
+                &db,
                 "UPDATE mailer_deliveries SET claimed_at = 0
-                 WHERE event_id = $1 AND state = 'sending'",
-            )
-            .bind(event_id.to_string())
-            .execute(pool)
-            .await
-            .map(drop));
-            warn_on_error(
-                expired,
+                 WHERE event_id = $1 AND state = 'sending' AND $2 > 0",
                 event_id,
                 "could not expire the claim of a send cut off; the next \
                  delivery waits for it to run out",
-            );
+            )
+            .await;
         });
     }
+}
+
+/// One bookkeeping write on the claim of `event_id` (`$1`), at the time
+/// `$2` (Unix ms), which the handler can live without: a failure is
+/// logged as `failed`, not returned. A statement that has no use for the
+/// time still names `$2` (`AND $2 > 0`, always true), as PostgreSQL
+/// refuses a parameter its statement does not mention.
+async fn update_claim(
+    db: &Db,
+    sql: &'static str,
+    event_id: Uuid,
+    failed: &str,
+) {
+    let written = with_pool!(db, |pool| sqlx::query(sql)
+        .bind(event_id.to_string())
+        .bind(now_millis())
+        .execute(pool)
+        .await
+        .map(drop));
+    warn_on_error(written, event_id, failed);
 }
 
 /// Logs a failed bookkeeping write that the handler can live with.
