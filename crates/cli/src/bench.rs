@@ -62,6 +62,11 @@ pub struct BusArgs {
     )]
     broker: String,
 
+    /// Also run herald with its logs, spans and metrics switched off, to
+    /// measure what the instrumentation costs (embedded bus only).
+    #[arg(long)]
+    compare_instrumentation: bool,
+
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,

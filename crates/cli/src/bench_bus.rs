@@ -9,6 +9,10 @@
 //! publishing with a confirm per message and consuming with an ack per
 //! message, with the same publishers, prefetch and payloads, on the same
 //! broker.
+//!
+//! With `--compare-instrumentation` the embedded run is made twice, with
+//! herald's logs, spans and metrics switched off and then on, each on a
+//! database of its own, to measure what the instrumentation costs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,15 +84,18 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
     );
 
     let dir = tempfile::tempdir()?;
+    let mut uninstrumented = None;
     let (herald, ceiling) = match &choice {
         BusChoice::Embedded => {
-            let db = Database::open(&dir.path().join("bench.db")).await?;
-            let broker =
-                EmbeddedBroker::open(db, EmbeddedOptions::default()).await?;
-            let rates =
-                through_herald(Arc::new(broker), &queue, event_type, &args)
-                    .await?;
-            (rates, None)
+            if args.compare_instrumentation {
+                crate::telemetry::set_enabled(false);
+                let db = dir.path().join("uninstrumented.db");
+                let rates = embedded(&db, &queue, event_type, &args).await;
+                crate::telemetry::set_enabled(true);
+                uninstrumented = Some(rates?);
+            }
+            let db = dir.path().join("bench.db");
+            (embedded(&db, &queue, event_type, &args).await?, None)
         }
         BusChoice::Amqp(url) => {
             let options = AmqpOptions {
@@ -120,6 +127,10 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
         "herald": rates_json(&herald),
         "ceiling": ceiling.as_ref().map(rates_json),
         "ratio": ceiling.as_ref().map(|c| herald.end_to_end / c.end_to_end),
+        "uninstrumented": uninstrumented.as_ref().map(rates_json),
+        "instrumented_ratio": uninstrumented
+            .as_ref()
+            .map(|u| herald.end_to_end / u.end_to_end),
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -129,6 +140,17 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
         "herald:    {:>9.0} events/s end to end, {:>9.0}/s publishing",
         herald.end_to_end, herald.publish
     );
+    if let Some(bare) = &uninstrumented {
+        println!(
+            "herald without logs, spans and metrics: {:>9.0} events/s end \
+             to end, {:>9.0}/s publishing",
+            bare.end_to_end, bare.publish
+        );
+        println!(
+            "instrumented / uninstrumented: {:.2}",
+            herald.end_to_end / bare.end_to_end
+        );
+    }
     if let Some(ceiling) = &ceiling {
         println!(
             "raw lapin: {:>9.0} events/s end to end, {:>9.0}/s publishing",
@@ -147,6 +169,18 @@ fn rates_json(rates: &Rates) -> Value {
             "publish_per_second": rates.publish })
 }
 
+/// A run through a new embedded bus in the SQLite file `db`.
+async fn embedded(
+    db: &std::path::Path,
+    queue: &str,
+    event_type: &'static str,
+    args: &BusArgs,
+) -> anyhow::Result<Rates> {
+    let db = Database::open(db).await?;
+    let broker = EmbeddedBroker::open(db, EmbeddedOptions::default()).await?;
+    through_herald(Arc::new(broker), queue, event_type, args).await
+}
+
 /// Publishers and a worker through herald's `broker`.
 async fn through_herald(
     broker: Arc<dyn Broker>,
@@ -162,6 +196,7 @@ async fn through_herald(
     });
     let (stop, mut stopped) = watch::channel(false);
     let subscription = Subscription {
+        service: Some("bench"),
         queue: queue.to_owned(),
         event_types: vec![event_type],
         options: WorkerOptions {
@@ -192,7 +227,8 @@ async fn through_herald(
                     subject: None,
                     time: chrono::Utc::now(),
                     content_type: herald::envelope::JSON.into(),
-                    traceparent: None,
+                    // Events carry a trace, as a registration's does.
+                    traceparent: Some(herald::TraceContext::new_root()),
                     data: data.clone(),
                 };
                 broker.publish(&envelope).await?;

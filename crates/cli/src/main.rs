@@ -6,16 +6,14 @@
 mod bench;
 mod dlq;
 mod serve;
+mod stats;
 mod system;
+mod telemetry;
 mod up;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::str::FromStr;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::prelude::*;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +26,21 @@ struct Cli {
     /// Log filter, e.g. `info` or `info,herald=debug`.
     #[arg(long, env = "HERALD_LOG", default_value = "info", global = true)]
     log: String,
+
+    /// How log lines are written: text for people, json for collectors.
+    #[arg(
+        long,
+        env = "HERALD_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: telemetry::LogFormat,
+
+    /// Export spans over OTLP (HTTP) to this collector, e.g.
+    /// http://127.0.0.1:4318. Needs a herald built with `--features otlp`.
+    #[arg(long, env = "HERALD_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -46,6 +59,9 @@ enum Command {
     /// Look at, replay or purge the dead letters of the system's queues.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Latency and throughput of running services, per service and per
+    /// event type, and of the system as a whole.
+    Stats(stats::StatsArgs),
     /// Measure the system: throughput and latency against its ceilings.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -53,9 +69,18 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(error) = init_logging(&cli.log) {
+    let logging = telemetry::init_logging(
+        &cli.log,
+        cli.log_format,
+        cli.otlp_endpoint.as_deref(),
+    );
+    if let Err(error) = logging {
         eprintln!("herald: {error}");
         return ExitCode::from(2);
+    }
+    if let Err(error) = telemetry::init_metrics() {
+        eprintln!("herald: cannot record metrics: {error}");
+        return ExitCode::FAILURE;
     }
 
     let runtime = match tokio::runtime::Runtime::new() {
@@ -65,7 +90,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let outcome = runtime.block_on(run(cli.command));
+    telemetry::shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("herald: {}", herald::error_chain(error.as_ref()));
@@ -79,45 +106,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Up(args) => up::run(args).await,
         Command::Serve(command) => serve::run(command).await,
         Command::Dlq(command) => dlq::run(command).await,
+        // Watching ends at Ctrl-C, which is not a failure.
+        Command::Stats(args) => tokio::select! {
+            outcome = stats::run(args) => outcome,
+            _ = system::shutdown_signal() => Ok(()),
+        },
         // Interrupted, the bench still stops the system it started.
         Command::Bench(command) => tokio::select! {
             outcome = bench::run(command) => outcome,
             _ = system::shutdown_signal() => anyhow::bail!("interrupted"),
         },
     }
-}
-
-/// Logs go to stderr, filtered by `filter`; stdout is kept for the lines
-/// meant for people.
-fn init_logging(filter: &str) -> Result<(), String> {
-    let invalid =
-        |why: String| format!("invalid --log filter {filter:?}: {why}");
-    // A bare word is a level, never a target: `infoo` is a typo, and
-    // taking it as a target would silently turn every log off.
-    for directive in filter.split(',').map(str::trim) {
-        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
-        LevelFilter::from_str(level).map_err(|_| {
-            invalid(format!(
-                "{level:?} is not a level (trace, debug, info, warn, error, off)"
-            ))
-        })?;
-    }
-    let mut targets =
-        Targets::from_str(filter).map_err(|e| invalid(e.to_string()))?;
-    // lapin logs each message RabbitMQ returns as unroutable whole,
-    // headers and payload, which hold personal data; herald reports the
-    // failure itself, by event id.
-    if !filter.contains("lapin::returned_messages") {
-        targets =
-            targets.with_target("lapin::returned_messages", LevelFilter::OFF);
-    }
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_filter(targets),
-        )
-        .init();
-    Ok(())
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::system::{self, HttpArgs, MailArgs, Stopper, Store, StoreArgs};
+use crate::system::{
+    self, HttpArgs, MailArgs, MetricsArgs, Stopper, Store, StoreArgs,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum ServeCommand {
@@ -32,6 +34,8 @@ pub struct UsersArgs {
 #[derive(Debug, Args)]
 pub struct MailerArgs {
     #[command(flatten)]
+    metrics: MetricsArgs,
+    #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
     mail: MailArgs,
@@ -46,7 +50,7 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
 
 async fn users(args: UsersArgs) -> anyhow::Result<()> {
     let (choice, database) = args.store.data.choices()?;
-    let listener = system::listen(&args.http).await?;
+    let listener = system::listen(&args.http.listen).await?;
     let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
 
@@ -66,6 +70,7 @@ async fn users(args: UsersArgs) -> anyhow::Result<()> {
 
 async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
     let (choice, database) = args.store.data.choices()?;
+    let listener = system::listen(&args.metrics.listen).await?;
     let (from, transport) =
         system::mail_transport(&args.mail, &args.store.data.data_dir)?;
     let store = Store::open(&args.store, &database, &choice).await?;
@@ -79,6 +84,7 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
         "herald serve mailer: data in {}",
         store.description
     ));
+    let metrics = system::start_metrics(listener, &stopper)?;
     let mailer = system::start_mailer(
         mailer,
         subscription,
@@ -87,7 +93,7 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
         grace,
         &stopper,
     );
-    system::run_until_signal(stopper, vec![mailer], grace).await?;
+    system::run_until_signal(stopper, vec![metrics, mailer], grace).await?;
     store.close().await;
     Ok(())
 }

@@ -31,6 +31,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use users::store::UserStore;
 
+use crate::telemetry;
+
 /// Where a process keeps its data and which bus it speaks to.
 #[derive(Debug, Args)]
 pub struct DataArgs {
@@ -91,6 +93,32 @@ pub struct HttpArgs {
     /// Address the users service listens on.
     #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:5000")]
     pub listen: String,
+}
+
+/// Where a service without an API serves its metrics.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Address the mailer serves GET /metrics and GET /healthz on.
+    #[arg(
+        long = "listen",
+        env = "HERALD_MAILER_LISTEN",
+        default_value = "127.0.0.1:5001"
+    )]
+    pub listen: String,
+}
+
+/// Serves `GET /metrics` and `GET /healthz` on `listener` until the stop.
+pub fn start_metrics(
+    listener: TcpListener,
+    stopper: &Stopper,
+) -> anyhow::Result<(&'static str, JoinHandle<anyhow::Result<()>>)> {
+    let address = listener.local_addr()?;
+    say(&format!("metrics  http://{address}/metrics"));
+    let healthz = || async { axum::Json(serde_json::json!({"status": "ok"})) };
+    let router = telemetry::metrics_router()
+        .route("/healthz", axum::routing::get(healthz));
+    let server = users::serve(router, listener, stopper.stopped());
+    Ok(("metrics server", task(server)))
 }
 
 /// Where the mailer sends welcome emails.
@@ -345,10 +373,10 @@ pub fn say(line: &str) {
 
 /// Binds the listener early, so a bad address fails before anything is
 /// written.
-pub async fn listen(args: &HttpArgs) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(&args.listen)
+pub async fn listen(address: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))
+        .with_context(|| format!("cannot listen on {address}"))
 }
 
 /// Opens the mailer and makes sure its queue exists before any
@@ -493,13 +521,15 @@ pub async fn start_users(
     }
 
     let address = listener.local_addr()?;
+    say(&format!("metrics  http://{address}/metrics"));
     say(&format!(
         "users    http://{address}  POST /user/register, GET /healthz, \
-         GET /readyz"
+         GET /readyz, GET /metrics"
     ));
+    let router = users.router().merge(telemetry::metrics_router());
     tasks.push((
         "users service",
-        task(users::serve(users, listener, stopper.stopped())),
+        task(users::serve(router, listener, stopper.stopped())),
     ));
     Ok(tasks)
 }

@@ -21,7 +21,7 @@ pub struct UpArgs {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Check every flag and take the port before writing anything.
     let (choice, database) = args.store.data.choices()?;
-    let listener = system::listen(&args.http).await?;
+    let listener = system::listen(&args.http.listen).await?;
     let (from, transport) =
         system::mail_transport(&args.mail, &args.store.data.data_dir)?;
 

@@ -479,3 +479,99 @@ async fn working_cluster() -> (MutexGuard<'static, ()>, Cluster, String) {
 fn run_id() -> String {
     format!("run-{}", uuid::Uuid::new_v4().simple())
 }
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_traceparent_crosses_rabbitmq_to_the_mailer_in_another_process() {
+    const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let vhost = VirtualHost::create();
+    let url = vhost.url();
+    let (mail, mailer_dir, users_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mail_dir = mail.path().to_str().unwrap();
+    let json = ["--log-format", "json", "--broker", url.as_str()];
+    let mailer = Herald::serve_mailer_logging(
+        mailer_dir.path(),
+        &[&json[..], &["--mail-dir", mail_dir]].concat(),
+        "info",
+    );
+    let users = Herald::serve_users_logging(users_dir.path(), &json, "info");
+
+    let response = support::client()
+        .post(format!("{}/user/register", users.base()))
+        .header("traceparent", format!("00-{TRACE_ID}-b7ad6b7169203331-01"))
+        .json(&user(&run_id(), 0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_emails(&mail.path().join("new"), 1, WAIT).await;
+
+    // The mailer process continued the trace the users process was given,
+    // as a child of the request's span, for the same event.
+    let span_of = |logs: String, message: &str| {
+        logs.lines()
+            .map(serde_json::from_str::<serde_json::Value>)
+            .map(|line| line.expect("every log line is JSON"))
+            .find(|line| line["fields"]["message"] == message)
+            .map(|line| line["span"].clone())
+            .unwrap_or_else(|| panic!("no {message:?} in:\n{logs}"))
+    };
+    let request = span_of(users.logs(), "user registered");
+    let handling = span_of(mailer.logs(), "welcome email sent");
+    assert_eq!(request["trace_id"], TRACE_ID);
+    assert_eq!(handling["trace_id"], TRACE_ID);
+    assert_eq!(handling["parent_id"], request["span_id"]);
+    assert_eq!(handling["event_id"], request["event_id"]);
+
+    // Each process counts its own part: the users relay published it,
+    // the mailer handled it.
+    let published = [("type", "user.registered.v1")];
+    let users_metrics = users.metrics().await;
+    assert_eq!(
+        support::metric(
+            &users_metrics,
+            "herald_outbox_relayed_total",
+            &published
+        ),
+        1.0
+    );
+    assert_eq!(
+        support::metric(
+            &users_metrics,
+            "herald_events_published_total",
+            &published
+        ),
+        1.0
+    );
+    let success = [("service", "mailer"), ("outcome", "success")];
+    let mut mailer_metrics = mailer.metrics().await;
+    for _ in 0..100 {
+        if support::metric(
+            &mailer_metrics,
+            "herald_events_handled_total",
+            &success,
+        ) == 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        mailer_metrics = mailer.metrics().await;
+    }
+    assert_eq!(
+        support::metric(
+            &mailer_metrics,
+            "herald_events_handled_total",
+            &success
+        ),
+        1.0
+    );
+    assert_eq!(
+        support::metric(&mailer_metrics, "herald_broker_connected", &[]),
+        1.0
+    );
+}

@@ -13,6 +13,7 @@
 pub mod broker;
 pub mod db;
 pub mod envelope;
+pub mod metrics;
 pub mod outbox;
 pub mod postgres;
 pub mod sqlite;
@@ -21,7 +22,9 @@ pub mod worker;
 
 pub use broker::amqp::{AmqpBroker, ReconnectingAmqp};
 pub use broker::embedded::EmbeddedBroker;
-pub use broker::{Broker, BusError, DeadLetter, DeadLetters, Delivery, Which};
+pub use broker::{
+    Broker, BusError, DeadLetter, DeadLetters, Delivery, QueueDepth, Which,
+};
 pub use envelope::{DecodeError, Envelope, Event};
 pub use trace::TraceContext;
 pub use worker::{

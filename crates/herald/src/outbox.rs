@@ -19,7 +19,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 use sqlx::postgres::PgRow;
@@ -70,6 +70,9 @@ const POLL: Duration = Duration::from_millis(250);
 /// to the cap.
 const RETRY_BASE: Duration = Duration::from_millis(500);
 const RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// How often the relay counts the backlog for the metrics.
+const BACKLOG_SAMPLE_PERIOD: Duration = Duration::from_secs(5);
 
 /// A service's outbox in its PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -142,7 +145,15 @@ impl Outbox {
     ) -> Result<(), BusError> {
         let mut stop = std::pin::pin!(stop);
         let mut trouble = Duration::ZERO;
+        let mut sampled: Option<Instant> = None;
         loop {
+            if sampled.is_none_or(|at| at.elapsed() >= BACKLOG_SAMPLE_PERIOD) {
+                sampled = Some(Instant::now());
+                if let Ok(waiting) = self.backlog().await {
+                    let waiting = u64::try_from(waiting).unwrap_or_default();
+                    crate::metrics::outbox_backlog("postgres", waiting);
+                }
+            }
             let wait = match self.relay_batch(&target).await {
                 Ok(relayed) if relayed > 0 => Duration::ZERO,
                 Ok(_) => POLL,
@@ -205,18 +216,21 @@ impl Outbox {
                     let target = target.clone();
                     publishes.spawn(async move {
                         let published = target.publish(&envelope).await;
-                        (seq, attempts, published)
+                        (seq, attempts, published.map(|()| envelope))
                     });
                 }
                 Err(corrupt) => failed.push((seq, attempts, corrupt)),
             }
         }
-        let mut confirmed = Vec::new();
+        let (mut confirmed, mut relayed) = (Vec::new(), Vec::new());
         while let Some(joined) = publishes.join_next().await {
             let (seq, attempts, published) =
                 joined.expect("a publish task does not panic");
             match published {
-                Ok(()) => confirmed.push(seq),
+                Ok(envelope) => {
+                    confirmed.push(seq);
+                    relayed.push(envelope);
+                }
                 Err(error) => failed.push((seq, attempts, error)),
             }
         }
@@ -241,6 +255,10 @@ impl Outbox {
         }
         tx.commit().await?;
 
+        for envelope in &relayed {
+            let lag = crate::metrics::since(envelope.time);
+            crate::metrics::relayed(&envelope.event_type, lag);
+        }
         if let Some((_, attempts, error)) = failed.first() {
             tracing::warn!(
                 failed = failed.len(),

@@ -1,10 +1,14 @@
 //! W3C trace context: the `traceparent` that ties an HTTP request to the
 //! events it caused and to the work those events caused in turn.
 //!
-//! herald only carries the context; exporting spans is the job of whatever
-//! tracing backend the process installs.
+//! herald carries the context in every event and gives each request and
+//! each handled event a `tracing` span whose `trace_id`, `span_id` and
+//! `parent_id` fields place it in its trace, so that every log line of it
+//! says which trace it belongs to. Exporting spans to a tracing backend is
+//! left to a [`SpanExporter`] the process may install.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 /// One position in a distributed trace: the trace it belongs to and the
 /// span that is current, in the `traceparent` format
@@ -57,10 +61,73 @@ impl TraceContext {
         })
     }
 
+    /// A context from its parts; `None` when an id is zero, which W3C
+    /// reserves for "no trace".
+    pub fn from_parts(trace_id: u128, span_id: u64, flags: u8) -> Option<Self> {
+        (trace_id != 0 && span_id != 0).then_some(TraceContext {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    /// The trace id, span id and flags.
+    pub fn parts(&self) -> (u128, u64, u8) {
+        (self.trace_id, self.span_id, self.flags)
+    }
+
     /// The trace id as 32 lower-case hex digits, as logs show it.
     pub fn trace_id(&self) -> String {
         format!("{:032x}", self.trace_id)
     }
+
+    /// The span id as 16 lower-case hex digits, as logs show it.
+    pub fn span_id(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+}
+
+/// Hands spans to a tracing backend (OpenTelemetry, say) and lets that
+/// backend choose their ids, so that what is exported and what events
+/// carry agree.
+pub trait SpanExporter: Send + Sync + 'static {
+    /// Makes `span`, not yet entered, the child of `parent` (a root when
+    /// `None`) and returns the context the backend gave it; `None` when
+    /// the backend does not see this span.
+    fn adopt(
+        &self,
+        span: &tracing::Span,
+        parent: Option<TraceContext>,
+    ) -> Option<TraceContext>;
+}
+
+static EXPORTER: OnceLock<Box<dyn SpanExporter>> = OnceLock::new();
+
+/// Installs the process's span exporter; only the first one counts.
+pub fn set_exporter(exporter: Box<dyn SpanExporter>) {
+    if EXPORTER.set(exporter).is_err() {
+        tracing::warn!("a span exporter was already installed");
+    }
+}
+
+/// Places `span` in a trace: as the child of `parent` when the request or
+/// event came with one, else at the root of a new trace. Records its
+/// `trace_id`, `span_id` and `parent_id` fields (declare them `Empty`) and
+/// returns its context, the one events published under it carry.
+pub fn continue_trace(
+    span: &tracing::Span,
+    parent: Option<TraceContext>,
+) -> TraceContext {
+    let exported = EXPORTER.get().and_then(|e| e.adopt(span, parent));
+    let context = exported.unwrap_or_else(|| {
+        parent.map_or_else(TraceContext::new_root, |parent| parent.child())
+    });
+    span.record("trace_id", context.trace_id());
+    span.record("span_id", context.span_id());
+    if let Some(parent) = parent {
+        span.record("parent_id", parent.span_id());
+    }
+    context
 }
 
 impl fmt::Display for TraceContext {
@@ -134,6 +201,18 @@ mod tests {
         let child = parent.child();
         assert_eq!(child.trace_id(), parent.trace_id());
         assert_ne!(child.to_string(), parent.to_string());
+    }
+
+    #[test]
+    fn a_continued_trace_is_a_child_of_its_parent_or_a_new_root() {
+        let parent = TraceContext::parse(SAMPLE).unwrap();
+        let span = tracing::Span::none();
+        let child = continue_trace(&span, Some(parent));
+        assert_eq!(child.trace_id(), parent.trace_id());
+        assert_ne!(child.span_id(), parent.span_id());
+
+        let root = continue_trace(&span, None);
+        assert_ne!(root.trace_id(), parent.trace_id());
     }
 
     #[test]

@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::broker::{BoxFuture, Broker, BusError, Delivery};
+use crate::metrics::{self, Outcome};
 
 /// Handles one delivery at a time; many may run at once.
 pub trait Handler: Send + Sync + 'static {
@@ -109,6 +110,10 @@ impl RetryPolicy {
 /// Which queue to consume and for which events.
 #[derive(Debug, Clone)]
 pub struct Subscription {
+    /// The service whose work this is, as metrics and logs name it;
+    /// `None` for plumbing, such as an outbox relay, that records metrics
+    /// of its own.
+    pub service: Option<&'static str>,
     pub queue: String,
     pub event_types: Vec<&'static str>,
     pub options: WorkerOptions,
@@ -161,6 +166,7 @@ pub async fn run(
         broker.bind(queue, &subscription.event_types).await?;
     }
     let context = Arc::new(Context {
+        service: subscription.service,
         broker: broker.clone(),
         handler,
         event_types: subscription.event_types.into(),
@@ -172,6 +178,7 @@ pub async fn run(
             && !broker.keeps_order_across_retries(),
     });
     let lanes = Lanes::default();
+    let sampler = tokio::spawn(sample_depth(broker.clone(), queue.to_owned()));
 
     let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut in_flight = JoinSet::new();
@@ -237,13 +244,38 @@ pub async fn run(
         while in_flight.try_join_next().is_some() {}
     }
 
+    sampler.abort();
     drain(in_flight, options.shutdown_grace, queue).await;
     hand_back(&*broker, context.unsettled.take(), queue).await;
     Ok(())
 }
 
+/// How often a worker samples its queue's depth for the metrics.
+const DEPTH_SAMPLE_PERIOD: Duration = Duration::from_secs(5);
+
+/// Records how many messages wait in `queue`, and how old the oldest is,
+/// every [`DEPTH_SAMPLE_PERIOD`], until aborted.
+async fn sample_depth(broker: Arc<dyn Broker>, queue: String) {
+    let mut ticks = tokio::time::interval(DEPTH_SAMPLE_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match broker.queue_depth(&queue).await {
+            Ok(depth) => {
+                metrics::queue_sampled(&queue, depth.waiting, depth.oldest)
+            }
+            Err(error) => tracing::debug!(
+                queue,
+                error = %crate::error_chain(&error),
+                "could not sample the queue's depth"
+            ),
+        }
+    }
+}
+
 /// What every handling task of a worker shares.
 struct Context {
+    service: Option<&'static str>,
     broker: Arc<dyn Broker>,
     handler: Arc<dyn Handler>,
     event_types: Arc<[&'static str]>,
@@ -265,8 +297,9 @@ struct Job {
 const IN_PLACE_HOLD_LIMIT: Duration = Duration::from_secs(25 * 60);
 
 impl Context {
-    /// Handles one delivery and settles it, every log line of it carrying
-    /// the delivery's ids.
+    /// Handles one delivery and settles it, in a span that continues the
+    /// event's trace, so that every log line of it carries the event's id
+    /// and its trace's.
     async fn handle(&self, job: Job) {
         let Job {
             mut delivery,
@@ -274,19 +307,27 @@ impl Context {
             unsettled,
         } = job;
         let span = tracing::info_span!(
-            "delivery",
+            "handle",
+            service = self.service.unwrap_or_default(),
             queue = delivery.queue.as_str(),
             event_id = %delivery.envelope.id,
             attempt = delivery.attempt,
-            trace_id = delivery
-                .envelope
-                .traceparent
-                .map(|t| t.trace_id())
-                .unwrap_or_default(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_id = tracing::field::Empty,
         );
+        crate::trace::continue_trace(&span, delivery.envelope.traceparent);
+        let recorded = Recorded {
+            service: self.service,
+            event_type: self.type_label(&delivery),
+        };
         async {
-            let outcome = self.outcome(&mut delivery).await;
-            settle(&*self.broker, outcome, &delivery, &self.options).await;
+            let outcome = self.outcome(&mut delivery, &recorded).await;
+            let settled =
+                settle(&*self.broker, outcome, &delivery, &self.options).await;
+            if let Some(settled) = settled {
+                recorded.settled(settled, &delivery);
+            }
         }
         .instrument(span)
         .await;
@@ -294,18 +335,32 @@ impl Context {
         drop(permit);
     }
 
+    /// The event type as metrics name it: one the subscription asked for,
+    /// or [`metrics::UNKNOWN_TYPE`].
+    fn type_label(&self, delivery: &Delivery) -> &'static str {
+        let event_type = delivery.envelope.event_type.as_str();
+        self.event_types
+            .iter()
+            .find(|known| **known == event_type)
+            .copied()
+            .unwrap_or(metrics::UNKNOWN_TYPE)
+    }
+
     /// The handler's outcome for `delivery`, after any retries in place.
     async fn outcome(
         &self,
         delivery: &mut Delivery,
+        recorded: &Recorded,
     ) -> Result<(), HandlerError> {
         if let Some(reason) = unhandleable(delivery, &self.event_types) {
             return Err(HandlerError::Permanent { reason });
         }
         let held_since = tokio::time::Instant::now();
         loop {
+            let started = std::time::Instant::now();
             let outcome =
                 run_handler(&*self.handler, delivery, &self.options).await;
+            recorded.ran(started.elapsed());
             let Err(HandlerError::Transient {
                 reason,
                 retry_after,
@@ -330,8 +385,42 @@ impl Context {
                 retry_in_ms = delay.as_millis() as u64,
                 "transient failure; retrying in place to keep its key in order"
             );
+            recorded.settled(Outcome::Retried, delivery);
             tokio::time::sleep(delay).await;
             delivery.attempt += 1;
+        }
+    }
+}
+
+/// Records what a worker does with one delivery, under the labels its
+/// metrics carry.
+struct Recorded {
+    service: Option<&'static str>,
+    event_type: &'static str,
+}
+
+impl Recorded {
+    /// One run of the handler.
+    fn ran(&self, took: Duration) {
+        if let Some(service) = self.service {
+            metrics::handler_ran(service, self.event_type, took);
+        }
+    }
+
+    /// The delivery was settled with `outcome`.
+    fn settled(&self, outcome: Outcome, delivery: &Delivery) {
+        let queue = delivery.queue.as_str();
+        match outcome {
+            Outcome::Success => {}
+            Outcome::Retried => metrics::retried(queue, self.event_type),
+            Outcome::DeadLettered => {
+                metrics::dead_lettered(queue, self.event_type)
+            }
+        }
+        if let Some(service) = self.service {
+            let latency = (outcome == Outcome::Success)
+                .then(|| metrics::since(delivery.envelope.time));
+            metrics::handled(service, self.event_type, outcome, latency);
         }
     }
 }
@@ -492,20 +581,21 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// Settles one delivery by its handler's outcome.
+/// Settles one delivery by its handler's outcome; returns what became of
+/// it, or `None` when the broker could not be told.
 async fn settle(
     broker: &dyn Broker,
     outcome: Result<(), HandlerError>,
     delivery: &Delivery,
     options: &WorkerOptions,
-) {
+) -> Option<Outcome> {
     let event_type = delivery.envelope.event_type.as_str();
     let attempt = delivery.attempt;
 
-    let settled = match outcome {
+    let (settled, outcome) = match outcome {
         Ok(()) => {
             tracing::debug!(event_type, "handled");
-            broker.ack(delivery).await
+            (broker.ack(delivery).await, Outcome::Success)
         }
         Err(HandlerError::Permanent { reason }) => {
             tracing::warn!(
@@ -513,7 +603,8 @@ async fn settle(
                 reason,
                 "permanent failure; dead-lettered"
             );
-            broker.dead_letter(delivery, &reason).await
+            let settled = broker.dead_letter(delivery, &reason).await;
+            (settled, Outcome::DeadLettered)
         }
         Err(HandlerError::Transient { reason, .. })
             if attempt >= options.retry.max_attempts =>
@@ -524,7 +615,8 @@ async fn settle(
                 "failed on the last attempt; dead-lettered"
             );
             let reason = format!("gave up after {attempt} attempts: {reason}");
-            broker.dead_letter(delivery, &reason).await
+            let settled = broker.dead_letter(delivery, &reason).await;
+            (settled, Outcome::DeadLettered)
         }
         Err(HandlerError::Transient {
             reason,
@@ -553,16 +645,20 @@ async fn settle(
                     );
                 }
             }
-            scheduled.map(drop)
+            (scheduled.map(drop), Outcome::Retried)
         }
     };
 
-    if let Err(error) = settled {
-        tracing::warn!(
-            event_type,
-            error = %error,
-            "could not settle; the broker will deliver it again"
-        );
+    match settled {
+        Ok(()) => Some(outcome),
+        Err(error) => {
+            tracing::warn!(
+                event_type,
+                error = %error,
+                "could not settle; the broker will deliver it again"
+            );
+            None
+        }
     }
 }
 

@@ -282,6 +282,7 @@ async fn a_worker_over_rabbitmq_retries_then_acknowledges() {
     });
     let (stop, mut stopped) = watch::channel(false);
     let subscription = Subscription {
+        service: Some("test"),
         queue: fx.queue.clone(),
         event_types: vec![fx.event_type],
         options: WorkerOptions {
@@ -352,6 +353,7 @@ async fn two_ordered_consumers_keep_each_keys_order_through_retries() {
         ..WorkerOptions::default()
     };
     let subscription = Subscription {
+        service: Some("test"),
         queue: fx.queue.clone(),
         event_types: vec![fx.event_type],
         options,

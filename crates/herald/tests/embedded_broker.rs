@@ -297,6 +297,7 @@ fn start_worker(
     });
     let (stop, mut stopped) = watch::channel(false);
     let subscription = Subscription {
+        service: Some("test"),
         queue: QUEUE.into(),
         event_types: vec![Pinged::TYPE],
         options,
@@ -519,6 +520,7 @@ async fn a_failing_event_holds_back_only_the_later_events_of_its_key() {
         fail_first: 1,
     });
     let subscription = Subscription {
+        service: Some("test"),
         queue: QUEUE.into(),
         event_types: vec![Pinged::TYPE],
         options: WorkerOptions {

@@ -135,6 +135,7 @@ async fn garbage_is_dead_lettered_at_once<F, Fut>(
 
     let handler = Arc::new(Decoding::default());
     let subscription = Subscription {
+        service: Some("test"),
         queue: queue.to_owned(),
         event_types: vec![event_type],
         options: WorkerOptions::default(),

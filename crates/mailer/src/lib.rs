@@ -78,6 +78,9 @@ enum Claim {
     Busy(Duration),
 }
 
+/// The mailer's name in metrics and logs.
+pub const SERVICE: &str = "mailer";
+
 /// The mailer's subscription: `user.registered.v1` on the `mailer` queue.
 ///
 /// A mail server can be away for a while, so a welcome email is tried 16
@@ -86,6 +89,7 @@ enum Claim {
 /// or a short outage.
 pub fn subscription(options: WorkerOptions) -> Subscription {
     Subscription {
+        service: Some(SERVICE),
         queue: QUEUE.to_owned(),
         event_types: vec![UserRegistered::TYPE],
         options: WorkerOptions {

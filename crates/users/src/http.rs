@@ -6,17 +6,24 @@
 //!
 //! Every error is JSON, `{"error": {"code", "message", "field"}}`, with its
 //! status mapped in one place ([`ApiError`]'s `IntoResponse`).
+//!
+//! Every request runs in a span that continues the caller's trace (its
+//! `traceparent` header) or starts a new one, and is counted and timed by
+//! route template, method and status.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Extension, MatchedPath, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::domain::{
     EmailAddress, FieldError, Locale, Password, UserId, UserName, parse_locale,
@@ -42,13 +49,72 @@ pub fn router(users: Users) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(observe))
         .with_state(users)
+}
+
+/// The users service's name in metrics and logs.
+pub const SERVICE: &str = "users";
+
+/// Runs a request in its span and records its metrics. The route label is
+/// the route's template, never the raw path, so that it stays bounded.
+async fn observe(mut request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let method = method_label(request.method());
+    let span = tracing::info_span!(
+        "request",
+        method,
+        route = route.as_str(),
+        trace_id = Empty,
+        span_id = Empty,
+        parent_id = Empty,
+        event_id = Empty,
+    );
+    let parent = incoming_trace(request.headers());
+    let trace = herald::trace::continue_trace(&span, parent);
+    request.extensions_mut().insert(trace);
+
+    let started = Instant::now();
+    let response = next.run(request).instrument(span).await;
+    let status = response.status().as_u16();
+    herald::metrics::http_request(
+        SERVICE,
+        method,
+        route,
+        status,
+        started.elapsed(),
+    );
+    response
+}
+
+/// The method as a label: one of the standard methods, else `OTHER`.
+fn method_label(method: &Method) -> &'static str {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    STANDARD
+        .iter()
+        .find(|standard| *standard == method)
+        .map_or("OTHER", |standard| standard.as_str())
 }
 
 /// Registers a user: validates the body, hashes the password, stores the
 /// user and its `user.registered` event together, and answers 201.
 async fn register(
     State(users): State<Users>,
+    Extension(trace): Extension<TraceContext>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -87,16 +153,11 @@ async fn register(
         locale,
         password_hash,
     };
-    let trace = incoming_trace(&headers)
-        .map_or_else(TraceContext::new_root, |parent| parent.child());
-    let event_id = users.store.register(&user, trace).await?;
+    let event_id = users.register(&user, trace).await?;
 
     // A user id may be an email address, so logs name the event instead.
-    tracing::info!(
-        %event_id,
-        trace_id = %trace.trace_id(),
-        "user registered"
-    );
+    tracing::Span::current().record("event_id", event_id.to_string());
+    tracing::info!("user registered");
     let message = match locale {
         Locale::English => "User registered",
         Locale::SimplifiedChinese => "用户注册成功",

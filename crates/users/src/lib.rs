@@ -66,6 +66,24 @@ impl Users {
         }
     }
 
+    /// Stores `user` with its `user.registered` event, in the trace
+    /// `trace`; returns the event's id.
+    pub(crate) async fn register(
+        &self,
+        user: &store::NewUser,
+        trace: TraceContext,
+    ) -> Result<uuid::Uuid, store::StoreError> {
+        let event_id = self.store.register(user, trace).await?;
+        // Staged on the bus itself, the event is published by that commit.
+        // Staged in an outbox, it is counted when the broker confirms its
+        // relay.
+        if self.relayed_to.is_none() {
+            use herald::Event;
+            herald::metrics::published(contracts::UserRegistered::TYPE);
+        }
+        Ok(event_id)
+    }
+
     pub fn router(&self) -> axum::Router {
         http::router(self.clone())
     }
@@ -80,15 +98,14 @@ impl Users {
 /// client that sends half a request would hold its connection forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves the API on `listener` until `shutdown` completes, then stops
-/// accepting and waits for the connections in flight to finish (the
-/// caller bounds that wait).
+/// Serves `router` (the API of [`Users::router`], say) on `listener`
+/// until `shutdown` completes, then stops accepting and waits for the
+/// connections in flight to finish (the caller bounds that wait).
 pub async fn serve(
-    users: Users,
+    router: axum::Router,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = users.router();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);

@@ -24,6 +24,8 @@ pub const OUTBOX: &str = "outbox";
 /// event must never be given up on just because the broker was away.
 pub fn subscription() -> Subscription {
     Subscription {
+        // The relay records relay metrics; it is not a service of its own.
+        service: None,
         queue: OUTBOX.to_owned(),
         event_types: vec![UserRegistered::TYPE],
         options: WorkerOptions {
@@ -65,10 +67,13 @@ impl Handler for Relay {
         delivery: &'a Delivery,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            self.target
-                .publish(&delivery.envelope)
-                .await
-                .map_err(|e| HandlerError::transient(herald::error_chain(&e)))
+            let envelope = &delivery.envelope;
+            self.target.publish(envelope).await.map_err(|e| {
+                HandlerError::transient(herald::error_chain(&e))
+            })?;
+            let lag = herald::metrics::since(envelope.time);
+            herald::metrics::relayed(&envelope.event_type, lag);
+            Ok(())
         })
     }
 }

@@ -15,6 +15,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct Herald {
     child: Child,
     base: Option<String>,
+    metrics: Option<String>,
     log: tempfile::NamedTempFile,
 }
 
@@ -49,9 +50,19 @@ impl Herald {
         Self::spawn(&command, data_dir, extra, level, "users")
     }
 
-    /// `herald serve mailer`.
+    /// `herald serve mailer`, its metrics on port 0.
     pub fn serve_mailer(data_dir: &Path, extra: &[&str]) -> Herald {
-        Self::spawn(&["serve", "mailer"], data_dir, extra, "warn", "mailer")
+        Self::serve_mailer_logging(data_dir, extra, "warn")
+    }
+
+    /// `herald serve mailer`, its log filter at `level`.
+    pub fn serve_mailer_logging(
+        data_dir: &Path,
+        extra: &[&str],
+        level: &str,
+    ) -> Herald {
+        let command = ["serve", "mailer", "--listen", "127.0.0.1:0"];
+        Self::spawn(&command, data_dir, extra, level, "mailer")
     }
 
     /// Starts the binary and waits for the start-up line beginning with
@@ -77,7 +88,7 @@ impl Herald {
 
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let mut base = None;
+        let (mut base, mut metrics) = (None, None);
         loop {
             let Some(line) = lines.next() else {
                 let logs = std::fs::read_to_string(log.path()).unwrap();
@@ -87,17 +98,44 @@ impl Herald {
             if let Some(rest) = line.strip_prefix("users") {
                 base = rest.split_whitespace().next().map(str::to_owned);
             }
+            if let Some(rest) = line.strip_prefix("metrics") {
+                metrics = rest.split_whitespace().next().map(str::to_owned);
+            }
             if line.starts_with(ready) {
                 break;
             }
         }
         std::thread::spawn(move || lines.for_each(drop));
-        Herald { child, base, log }
+        Herald {
+            child,
+            base,
+            metrics,
+            log,
+        }
     }
 
     /// The users service's base URL.
     pub fn base(&self) -> &str {
         self.base.as_deref().expect("this process serves users")
+    }
+
+    /// The URL of the process's metrics.
+    pub fn metrics_url(&self) -> &str {
+        self.metrics
+            .as_deref()
+            .expect("this process serves metrics")
+    }
+
+    /// The process's metrics, as `/metrics` serves them now.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.metrics_url())
+            .send()
+            .await
+            .expect("the metrics are served")
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Everything herald logged so far.
@@ -155,4 +193,23 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap()
+}
+
+/// The value of the sample `name` whose labels include all of `labels`,
+/// summed over the samples that match; 0 when none does.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (sample, rest) =
+                series.split_once('{').unwrap_or((series, "}"));
+            let rest = format!(",{rest}");
+            let matches = sample == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!(",{k}=\"{v}\"")));
+            matches.then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
 }

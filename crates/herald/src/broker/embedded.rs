@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use super::group_commit::{GroupCommit, Op};
 use super::{
     BoxFuture, Broker, BusError, DeadLetter, DeadLetters, Delivery,
-    DeliveryTag, Which,
+    DeliveryTag, QueueDepth, Which,
 };
 use crate::envelope::Envelope;
 use crate::sqlite::{Database, Migration, now_millis};
@@ -473,7 +473,11 @@ impl Broker for EmbeddedBroker {
         &'a self,
         envelope: &'a Envelope,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(self.inner.writes.run(Op::Publish(envelope.clone())))
+        Box::pin(async move {
+            self.inner.writes.run(Op::Publish(envelope.clone())).await?;
+            crate::metrics::published(&envelope.event_type);
+            Ok(())
+        })
     }
 
     fn receive<'a>(
@@ -554,6 +558,29 @@ impl Broker for EmbeddedBroker {
 
     fn is_ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(self.inner.db.is_usable())
+    }
+
+    fn queue_depth<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<QueueDepth, BusError>> {
+        Box::pin(async move {
+            let (waiting, oldest): (i64, Option<String>) = sqlx::query_as(
+                "SELECT COUNT(*), MIN(time) FROM bus_messages
+                 WHERE queue = ? AND lease IS NULL",
+            )
+            .bind(queue)
+            .fetch_one(self.inner.db.reader())
+            .await?;
+            let oldest = oldest
+                .and_then(|time| DateTime::parse_from_rfc3339(&time).ok())
+                .map(|time| crate::metrics::since(time.to_utc()))
+                .or((waiting == 0).then_some(Duration::ZERO));
+            Ok(QueueDepth {
+                waiting: u64::try_from(waiting).unwrap_or_default(),
+                oldest,
+            })
+        })
     }
 }
 

@@ -182,6 +182,23 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can take and hand out messages now.
     fn is_ready(&self) -> BoxFuture<'_, bool>;
+
+    /// How many messages wait in `queue` (not held by a consumer), and
+    /// how long ago the oldest of them happened, when the backend can
+    /// tell.
+    fn queue_depth<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<QueueDepth, BusError>>;
+}
+
+/// A queue's waiting messages, as [`Broker::queue_depth`] sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub waiting: u64,
+    /// Time since the oldest waiting event's own time, zero when none
+    /// waits; `None` when the backend cannot tell (RabbitMQ cannot).
+    pub oldest: Option<Duration>,
 }
 
 /// What can go wrong on the bus.

@@ -54,7 +54,7 @@ mod ordered;
 
 pub use ordered::PARTITIONS;
 
-use super::{BoxFuture, Broker, BusError, Delivery, DeliveryTag};
+use super::{BoxFuture, Broker, BusError, Delivery, DeliveryTag, QueueDepth};
 use crate::envelope::Envelope;
 use crate::trace::TraceContext;
 
@@ -569,12 +569,14 @@ impl Broker for AmqpBroker {
         &'a self,
         envelope: &'a Envelope,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(self.publish_confirmed(
-            EXCHANGE,
-            &envelope.event_type,
-            envelope,
-            FieldTable::default(),
-        ))
+        Box::pin(async move {
+            let headers = FieldTable::default();
+            let routing_key = envelope.event_type.as_str();
+            self.publish_confirmed(EXCHANGE, routing_key, envelope, headers)
+                .await?;
+            crate::metrics::published(&envelope.event_type);
+            Ok(())
+        })
     }
 
     fn receive<'a>(
@@ -657,6 +659,13 @@ impl Broker for AmqpBroker {
 
     fn is_ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(std::future::ready(self.is_connected()))
+    }
+
+    fn queue_depth<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<QueueDepth, BusError>> {
+        Box::pin(self.count_waiting(queue))
     }
 }
 
@@ -856,7 +865,11 @@ impl ReconnectingAmqp {
             url = %crate::redact_credentials(&self.inner.url),
             "connected to RabbitMQ"
         );
-        *self.inner.current.write().await = Some(broker.clone());
+        let previous = self.inner.current.write().await.replace(broker.clone());
+        crate::metrics::broker_connected("amqp", true);
+        if previous.is_some() {
+            crate::metrics::broker_reconnected("amqp");
+        }
         Ok(broker)
     }
 
@@ -878,7 +891,11 @@ impl ReconnectingAmqp {
 
     async fn live(&self) -> Option<AmqpBroker> {
         let current = self.inner.current.read().await;
-        current.as_ref().filter(|b| b.is_connected()).cloned()
+        let live = current.as_ref().filter(|b| b.is_connected()).cloned();
+        if live.is_none() {
+            crate::metrics::broker_connected("amqp", false);
+        }
+        live
     }
 
     /// The connection deliveries are settled on: the live one, if any.
@@ -888,6 +905,46 @@ impl ReconnectingAmqp {
 }
 
 impl AmqpBroker {
+    /// The ready messages of `queue`, or of its partitions when it is
+    /// ordered, counted by declaring each passively on a channel of its
+    /// own (a queue that does not exist closes the channel it is asked
+    /// on). RabbitMQ does not say over AMQP how old its messages are.
+    async fn count_waiting(&self, queue: &str) -> Result<QueueDepth, BusError> {
+        let mut waiting = 0;
+        let mut names = vec![queue.to_owned()];
+        names.extend(Self::partitions_of(queue));
+        for name in names {
+            let channel = within(
+                self.timeout(),
+                "open a channel",
+                self.inner.connection.create_channel(),
+            )
+            .await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let declared = within(
+                self.timeout(),
+                "count a queue's messages",
+                channel.queue_declare(
+                    name.as_str().into(),
+                    passive,
+                    FieldTable::default(),
+                ),
+            )
+            .await;
+            if let Ok(declared) = declared {
+                waiting += u64::from(declared.message_count());
+                let _ = channel.close(200, "counted".into()).await;
+            }
+        }
+        Ok(QueueDepth {
+            waiting,
+            oldest: None,
+        })
+    }
+
     fn is_connected(&self) -> bool {
         self.inner.connection.status().connected()
             && self.inner.publisher.status().connected()
@@ -972,6 +1029,13 @@ impl Broker for ReconnectingAmqp {
 
     fn is_ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(async move { self.live().await.is_some() })
+    }
+
+    fn queue_depth<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<QueueDepth, BusError>> {
+        Box::pin(async move { self.broker().await?.queue_depth(queue).await })
     }
 }
 
