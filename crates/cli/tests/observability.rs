@@ -328,3 +328,17 @@ async fn stats_on_known_metrics_gives_the_right_means_and_percentiles() {
     assert!((0.5..1.5).contains(&window), "{window}");
     close(&report["event_system"]["latency_seconds"], 3.5);
 }
+
+#[test]
+fn span_export_asked_of_a_herald_built_without_it_is_a_clear_error() {
+    if cfg!(feature = "otlp") {
+        return;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--otlp-endpoint", "http://127.0.0.1:4318", "stats"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--features otlp"), "{stderr}");
+}

@@ -308,7 +308,7 @@ impl Context {
         } = job;
         let span = tracing::info_span!(
             "handle",
-            service = self.service.unwrap_or_default(),
+            service = tracing::field::Empty,
             queue = delivery.queue.as_str(),
             event_id = %delivery.envelope.id,
             attempt = delivery.attempt,
@@ -316,6 +316,9 @@ impl Context {
             span_id = tracing::field::Empty,
             parent_id = tracing::field::Empty,
         );
+        if let Some(service) = self.service {
+            span.record("service", service);
+        }
         crate::trace::continue_trace(&span, delivery.envelope.traceparent);
         let recorded = Recorded {
             service: self.service,

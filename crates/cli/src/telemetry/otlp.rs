@@ -10,10 +10,10 @@
 //! gives back the ids the span was exported with, so that log lines,
 //! events and the trace backend all name the same span.
 //!
-//! Only spans at `info` and above are exported, and no log events: spans
-//! carry ids, while log lines may carry what a log collector may see but a
-//! trace backend need not. [`set_enabled`](super::set_enabled) turns span
-//! export off along with the logs.
+//! Only spans at `info` and above are exported, not log events: a span's
+//! fields are ids, while a log line may say more than a trace backend needs
+//! to hold. [`set_enabled`](super::set_enabled) turns span export off along
+//! with the logs.
 
 use std::sync::OnceLock;
 use std::time::Duration;
