@@ -72,7 +72,10 @@ fn main() -> ExitCode {
     let logging = telemetry::init_logging(
         &cli.log,
         cli.log_format,
-        cli.otlp_endpoint.as_deref(),
+        // Set but empty, as in `HERALD_OTLP_ENDPOINT=`, means none.
+        cli.otlp_endpoint
+            .as_deref()
+            .filter(|e| !e.trim().is_empty()),
     );
     if let Err(error) = logging {
         eprintln!("herald: {error}");

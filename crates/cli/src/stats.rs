@@ -32,7 +32,7 @@ use herald::metrics::{
 };
 use serde_json::{Value, json};
 
-use exposition::{Histogram, Sample};
+use exposition::{Group, Sample};
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
@@ -60,88 +60,164 @@ pub struct StatsArgs {
 /// How long one service may take to answer a scrape.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The shortest and the longest window accepted, in seconds.
+const WINDOW_LIMITS: (f64, f64) = (0.1, 86_400.0);
+
+/// The label each sample gets naming the URL it was read from, so that
+/// the replicas of a service add up rather than overwrite each other.
+const SOURCE: &str = "\0source";
+
 pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
-    let window = args.watch.unwrap_or(args.window);
-    if !(window.is_finite() && window > 0.0 && window <= 86_400.0) {
-        bail!("the window must be between 0 and 86400 seconds, not {window}");
-    }
-    let window = Duration::from_secs_f64(window);
-    let urls: Vec<String> = args.urls.iter().map(|u| metrics_url(u)).collect();
+    let window = match args.watch {
+        Some(every) => checked_window("--watch", every)?,
+        None => checked_window("--window", args.window)?,
+    };
+    let urls = args
+        .urls
+        .iter()
+        .map(|url| metrics_url(url))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let client = reqwest::Client::builder()
         .timeout(SCRAPE_TIMEOUT)
         .build()
         .context("cannot build an HTTP client")?;
 
-    let mut before = scrape_all(&client, &urls).await?;
+    // Once, every URL must answer; watching, a URL that does not (a
+    // replica restarting) is shown as down and read again next time.
+    let watching = args.watch.is_some();
+    let mut before = scrape_all(&client, &urls).await;
+    if !watching && let Some((url, why)) = before.down.first() {
+        bail!("cannot read metrics from {url}: {why}");
+    }
     let mut clear = false;
     loop {
         tokio::time::sleep(window).await;
-        let now = scrape_all(&client, &urls).await?;
+        let now = scrape_all(&client, &urls).await;
+        if !watching && let Some((url, why)) = now.down.first() {
+            bail!("cannot read metrics from {url}: {why}");
+        }
         let report = Report::between(&before, &now);
-        if args.json {
-            println!("{}", report.to_json());
+        let text = if args.json {
+            format!("{}\n", report.to_json())
         } else {
             // Refreshing in place: clear the terminal and draw again.
-            if clear && std::io::stdout().is_terminal() {
-                print!("\x1b[2J\x1b[H");
-            }
-            print!("{}", report.to_text(&urls));
-        }
-        if args.watch.is_none() {
+            let clear_screen = clear && std::io::stdout().is_terminal();
+            let prefix = if clear_screen { "\x1b[2J\x1b[H" } else { "" };
+            format!("{prefix}{}", report.to_text(&urls))
+        };
+        if !print(&text)? || !watching {
             return Ok(());
         }
         (before, clear) = (now, true);
     }
 }
 
-/// `url` with `http://` added when it has no scheme, and `/metrics` when
-/// it has no path: `127.0.0.1:5001` is a fine `--url`.
-fn metrics_url(url: &str) -> String {
-    let url = if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("http://{url}")
-    };
-    let (_, after_scheme) = url.split_once("://").unwrap_or_default();
-    if after_scheme.contains('/') {
-        url
-    } else {
-        format!("{url}/metrics")
+/// Writes `text` to stdout; `false` when whoever read it is gone (a
+/// closed pipe, as after `| head`), which ends the command quietly.
+fn print(text: &str) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(false)
+        }
+        Err(error) => Err(error).context("cannot write to stdout"),
     }
+}
+
+/// `seconds` as a window, when it is one `herald stats` can keep.
+fn checked_window(flag: &str, seconds: f64) -> anyhow::Result<Duration> {
+    let (shortest, longest) = WINDOW_LIMITS;
+    if !(shortest..=longest).contains(&seconds) {
+        bail!(
+            "{flag} must be between {shortest} and {longest} seconds, \
+             not {seconds}"
+        );
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// The metrics URL `given` stands for: `http://` is added when it has no
+/// scheme, `/metrics` when it has no path, and a bare port is a port on
+/// this machine: `5001`, `127.0.0.1:5001` and
+/// `http://127.0.0.1:5001/metrics` are the same URL.
+fn metrics_url(given: &str) -> anyhow::Result<String> {
+    let trimmed = given.trim();
+    let bare_port = trimmed.trim_start_matches(':');
+    let url = if !bare_port.is_empty()
+        && bare_port.bytes().all(|b| b.is_ascii_digit())
+    {
+        format!("http://127.0.0.1:{bare_port}")
+    } else if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let shown = herald::redact_credentials(given);
+    let invalid = |why: &str| anyhow::anyhow!("invalid --url {shown:?}: {why}");
+    let mut parsed =
+        reqwest::Url::parse(&url).map_err(|e| invalid(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid("use http:// or https://"));
+    }
+    let (_, after_scheme) = url.split_once("://").unwrap_or_default();
+    if after_scheme.starts_with('/') || parsed.host_str().is_none() {
+        return Err(invalid("it names no host"));
+    }
+    if parsed.path() == "/" {
+        parsed.set_path("/metrics");
+    }
+    Ok(parsed.to_string())
 }
 
 /// One reading of every URL.
 struct Scrape {
+    /// Every sample read, each labelled with its [`SOURCE`].
     samples: Vec<Sample>,
+    /// The URLs that could not be read, with why.
+    down: Vec<(String, String)>,
     at: Instant,
 }
 
-async fn scrape_all(
-    client: &reqwest::Client,
-    urls: &[String],
-) -> anyhow::Result<Scrape> {
-    let mut samples = Vec::new();
-    for url in urls {
-        let shown = herald::redact_credentials(url);
-        let response = client
-            .get(url)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .with_context(|| format!("cannot read metrics from {shown}"))?;
-        let text = response
-            .text()
-            .await
-            .with_context(|| format!("cannot read metrics from {shown}"))?;
-        let parsed = exposition::parse(&text).map_err(|why| {
-            anyhow::anyhow!("{shown} did not answer with metrics: {why}")
-        })?;
-        samples.extend(parsed);
-    }
-    Ok(Scrape {
-        samples,
+async fn scrape_all(client: &reqwest::Client, urls: &[String]) -> Scrape {
+    let mut scrape = Scrape {
+        samples: Vec::new(),
+        down: Vec::new(),
         at: Instant::now(),
-    })
+    };
+    for (source, url) in urls.iter().enumerate() {
+        let shown = herald::redact_credentials(url);
+        match scrape_one(client, url).await {
+            Ok(samples) => {
+                scrape.samples.extend(samples.into_iter().map(|mut s| {
+                    s.labels.insert(SOURCE.to_owned(), source.to_string());
+                    s
+                }));
+            }
+            Err(why) => scrape.down.push((shown, why)),
+        }
+    }
+    scrape.at = Instant::now();
+    scrape
+}
+
+/// The samples `url` serves, or why it could not be read.
+async fn scrape_one(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<Vec<Sample>, String> {
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| herald::error_chain(&e))?;
+    let text = response.text().await.map_err(|e| herald::error_chain(&e))?;
+    exposition::parse(&text).map_err(|why| format!("not metrics: {why}"))
 }
 
 /// The latency and throughput of one service or event type.
@@ -161,19 +237,30 @@ struct Line {
 impl Line {
     fn new(
         name: &str,
-        now: &Histogram,
-        before: Option<&Histogram>,
+        now: &Group,
+        before: Option<&Group>,
         max: Option<f64>,
         window: f64,
     ) -> Self {
-        // A count that fell means the process restarted in the window:
-        // all it counted since is new.
-        let earlier = before.map_or(0.0, |h| h.count);
-        let done = if now.count >= earlier {
-            now.count - earlier
-        } else {
-            now.count
-        };
+        // The work done in the window, process by process. A count that
+        // fell means the process restarted in the window: all it counted
+        // since is new.
+        let done: f64 = now
+            .counts
+            .iter()
+            .map(|(source, &count)| {
+                let earlier = before
+                    .and_then(|b| b.counts.get(source))
+                    .copied()
+                    .unwrap_or(0.0);
+                if count >= earlier {
+                    count - earlier
+                } else {
+                    count
+                }
+            })
+            .sum();
+        let now = &now.histogram;
         Line {
             name: name.to_owned(),
             count: now.count as u64,
@@ -231,6 +318,8 @@ impl System {
 /// What `herald stats` prints for one window.
 struct Report {
     window: f64,
+    /// The URLs that could not be read this time, with why.
+    down: Vec<(String, String)>,
     services: Vec<Line>,
     events: Vec<Line>,
 }
@@ -238,8 +327,8 @@ struct Report {
 impl Report {
     fn between(before: &Scrape, now: &Scrape) -> Self {
         let window = (now.at - before.at).as_secs_f64();
-        let lines = |groups: BTreeMap<String, Histogram>,
-                     earlier: BTreeMap<String, Histogram>,
+        let lines = |groups: BTreeMap<String, Group>,
+                     earlier: BTreeMap<String, Group>,
                      maxes: BTreeMap<String, f64>| {
             groups
                 .iter()
@@ -251,6 +340,7 @@ impl Report {
         };
         Report {
             window,
+            down: now.down.clone(),
             services: lines(
                 service_work(&now.samples),
                 service_work(&before.samples),
@@ -261,12 +351,8 @@ impl Report {
                 ),
             ),
             events: lines(
-                exposition::histograms_by(&now.samples, EVENT_LATENCY, "type"),
-                exposition::histograms_by(
-                    &before.samples,
-                    EVENT_LATENCY,
-                    "type",
-                ),
+                event_latency(&now.samples),
+                event_latency(&before.samples),
                 exposition::max_by(&now.samples, EVENT_LATENCY_MAX, "type"),
             ),
         }
@@ -283,6 +369,9 @@ impl Report {
         };
         json!({
             "window_seconds": self.window,
+            "down": self.down.iter()
+                .map(|(url, why)| json!({"url": url, "error": why}))
+                .collect::<Vec<_>>(),
             "services": self.services.iter()
                 .map(|l| l.to_json("service")).collect::<Vec<_>>(),
             "events": self.events.iter()
@@ -302,6 +391,12 @@ impl Report {
             sources.join(", "),
             self.window
         );
+        for (url, why) in &self.down {
+            let _ = writeln!(text, "down: {url}: {why}");
+        }
+        if !self.down.is_empty() {
+            text.push('\n');
+        }
         table(&mut text, "service", &self.services);
         text.push('\n');
         table(&mut text, "event type", &self.events);
@@ -316,14 +411,19 @@ impl Report {
 
 /// Each service's work: the HTTP requests it served and the handler runs
 /// of the events it handled, in one histogram per service.
-fn service_work(samples: &[Sample]) -> BTreeMap<String, Histogram> {
-    let mut work = exposition::histograms_by(samples, HTTP_DURATION, "service");
-    let handled =
-        exposition::histograms_by(samples, HANDLER_DURATION, "service");
-    for (service, histogram) in handled {
-        work.entry(service).or_default().merge(&histogram);
+fn service_work(samples: &[Sample]) -> BTreeMap<String, Group> {
+    let by_service =
+        |family| exposition::histograms_by(samples, family, "service", SOURCE);
+    let mut work = by_service(HTTP_DURATION);
+    for (service, group) in by_service(HANDLER_DURATION) {
+        work.entry(service).or_default().merge(&group);
     }
     work
+}
+
+/// Each event type's end-to-end latency, over every service handling it.
+fn event_latency(samples: &[Sample]) -> BTreeMap<String, Group> {
+    exposition::histograms_by(samples, EVENT_LATENCY, "type", SOURCE)
 }
 
 fn table(text: &mut String, heading: &str, lines: &[Line]) {
@@ -384,12 +484,22 @@ mod tests {
 
     #[test]
     fn a_url_without_a_path_gets_the_metrics_path() {
+        let url = |given| metrics_url(given).unwrap();
         assert_eq!(
-            metrics_url("http://127.0.0.1:5000"),
+            url("http://127.0.0.1:5000"),
             "http://127.0.0.1:5000/metrics"
         );
-        assert_eq!(metrics_url("http://h:1/m"), "http://h:1/m");
-        assert_eq!(metrics_url("h:1"), "http://h:1/metrics");
+        assert_eq!(url("http://h:1/m"), "http://h:1/m");
+        assert_eq!(url("h:1"), "http://h:1/metrics");
+        assert_eq!(url("5001"), "http://127.0.0.1:5001/metrics");
+        assert_eq!(url(":5001"), "http://127.0.0.1:5001/metrics");
+    }
+
+    #[test]
+    fn a_url_without_a_host_is_refused() {
+        for bad in ["", "http://", "ftp://h:1", "http:///metrics"] {
+            assert!(metrics_url(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -342,3 +342,27 @@ fn span_export_asked_of_a_herald_built_without_it_is_a_clear_error() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--features otlp"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_adds_up_the_replicas_of_a_service_read_from_several_urls() {
+    // Two users replicas, the same label sets: one did 3 requests and then
+    // 4 more, the other 5 and then 2 more.
+    let page = |count: u64, sum: f64| {
+        histogram(
+            "herald_http_request_duration_seconds",
+            "service=\"users\",route=\"/user/register\",status=\"201\"",
+            &[("0.01", count), ("+Inf", 0)],
+            sum,
+        )
+    };
+    let first = serve_metrics(vec![page(3, 0.015), page(7, 0.035)]).await;
+    let second = serve_metrics(vec![page(5, 0.025), page(7, 0.035)]).await;
+
+    let report = stats(&[&first, &second], "0.5");
+
+    let users = line(&report, "services", "service", "users");
+    assert_eq!(users["count"], 14);
+    close(&users["mean_seconds"], 0.070 / 14.0);
+    let window = report["window_seconds"].as_f64().unwrap();
+    close(&users["throughput_per_second"], (4.0 + 2.0) / window);
+}

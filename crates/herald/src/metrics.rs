@@ -28,7 +28,9 @@ use metrics::{
 pub const HTTP_REQUESTS: &str = "herald_http_requests_total";
 /// How long HTTP requests took, labelled like [`HTTP_REQUESTS`].
 pub const HTTP_DURATION: &str = "herald_http_request_duration_seconds";
-/// Events published onto the bus (or staged in an outbox), by type.
+/// Events made durable on the bus their consumers read, by type: committed
+/// to the embedded bus, or confirmed by RabbitMQ. An event staged in an
+/// outbox counts when its relay is confirmed.
 pub const PUBLISHED: &str = "herald_events_published_total";
 /// Events a service finished with, by service, type and outcome.
 pub const HANDLED: &str = "herald_events_handled_total";
@@ -98,7 +100,11 @@ pub fn describe() {
 
     describe_counter!(HTTP_REQUESTS, Count, "HTTP requests served.");
     describe_histogram!(HTTP_DURATION, Seconds, "HTTP request duration.");
-    describe_counter!(PUBLISHED, Count, "Events published or staged.");
+    describe_counter!(
+        PUBLISHED,
+        Count,
+        "Events made durable on the bus consumers read."
+    );
     describe_counter!(HANDLED, Count, "Deliveries handled, by outcome.");
     describe_histogram!(
         HANDLER_DURATION,

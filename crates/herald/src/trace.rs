@@ -38,14 +38,19 @@ impl TraceContext {
         }
     }
 
-    /// Reads a `traceparent` header. Returns `None` for anything that is not
-    /// a well-formed version-00 context, as the W3C spec asks: a malformed
-    /// header starts a new trace rather than failing the request.
+    /// Reads a `traceparent` header. Returns `None` for anything that is
+    /// not a well-formed context, as the W3C spec asks: a malformed header
+    /// starts a new trace rather than failing the request. A version
+    /// above 00 is read by its first four fields, which later versions
+    /// keep, as the spec says to.
     pub fn parse(header: &str) -> Option<Self> {
-        let mut parts = header.trim().split('-');
+        let header = header.trim();
+        let mut parts = header.split('-');
         let (version, trace, span, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || version != "00" {
+        let version = lower_hex::<u8>(version, 2)?;
+        let extended = parts.next().is_some();
+        if version == 0xff || (version == 0 && extended) {
             return None;
         }
         let trace_id = lower_hex::<u128>(trace, 32)?;
@@ -196,6 +201,13 @@ mod tests {
     }
 
     #[test]
+    fn a_later_version_is_read_by_the_fields_it_shares_with_00() {
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x";
+        let context = TraceContext::parse(later).unwrap();
+        assert_eq!(context.to_string(), SAMPLE);
+    }
+
+    #[test]
     fn a_child_keeps_the_trace_and_changes_the_span() {
         let parent = TraceContext::parse(SAMPLE).unwrap();
         let child = parent.child();
@@ -219,8 +231,9 @@ mod tests {
     fn malformed_traceparents_are_refused() {
         for bad in [
             "",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",

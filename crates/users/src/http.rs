@@ -331,8 +331,14 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// The caller's trace context: its one `traceparent` header, when well
+/// formed. Two of them are as good as none.
 fn incoming_trace(headers: &HeaderMap) -> Option<TraceContext> {
-    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut values = headers.get_all("traceparent").iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
     TraceContext::parse(value)
 }
 

@@ -137,14 +137,35 @@ impl Histogram {
     }
 }
 
+/// One group's histogram, merged over the processes it was read from,
+/// with the count each process reported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Group {
+    pub histogram: Histogram,
+    /// Observations by the value of the source label.
+    pub counts: BTreeMap<String, f64>,
+}
+
+impl Group {
+    /// Adds `other` into this group.
+    pub fn merge(&mut self, other: &Group) {
+        self.histogram.merge(&other.histogram);
+        for (source, count) in &other.counts {
+            *self.counts.entry(source.clone()).or_default() += count;
+        }
+    }
+}
+
 /// Gathers the histogram `family` (its `_bucket`, `_sum` and `_count`
 /// samples) from `samples`, grouped by the value of the label `by`, each
-/// group merged over its other labels.
+/// group merged over its other labels; the label `source` says which
+/// process a sample came from.
 pub fn histograms_by(
     samples: &[Sample],
     family: &str,
     by: &str,
-) -> BTreeMap<String, Histogram> {
+    source: &str,
+) -> BTreeMap<String, Group> {
     // First one histogram per full label set, then merged by `by`.
     let mut series: BTreeMap<Vec<(String, String)>, Histogram> =
         BTreeMap::new();
@@ -173,13 +194,19 @@ pub fn histograms_by(
         }
     }
 
-    let mut grouped: BTreeMap<String, Histogram> = BTreeMap::new();
+    let mut grouped: BTreeMap<String, Group> = BTreeMap::new();
     for (labels, mut histogram) in series {
         histogram.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let Some((_, group)) = labels.iter().find(|(key, _)| key == by) else {
+        let label = |name: &str| {
+            labels.iter().find(|(key, _)| key == name).map(|(_, v)| v)
+        };
+        let Some(group) = label(by) else {
             continue;
         };
-        grouped.entry(group.clone()).or_default().merge(&histogram);
+        let from = label(source).cloned().unwrap_or_default();
+        let group = grouped.entry(group.clone()).or_default();
+        *group.counts.entry(from).or_default() += histogram.count;
+        group.histogram.merge(&histogram);
     }
     grouped
 }
@@ -221,6 +248,44 @@ mod tests {
     fn a_line_that_is_not_a_sample_is_an_error_naming_it() {
         let error = parse("up 1\n<html>\n").unwrap_err();
         assert!(error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn the_same_series_from_two_processes_adds_up() {
+        let page = |source: &str, count: f64| {
+            [("le", "1"), ("le", "+Inf")]
+                .into_iter()
+                .map(|(k, v)| Sample {
+                    name: "d_bucket".into(),
+                    labels: [(k, v), ("service", "s"), ("src", source)]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
+                    value: count,
+                })
+                .chain(["d_sum", "d_count"].map(|name| {
+                    Sample {
+                        name: name.into(),
+                        labels: [("service", "s"), ("src", source)]
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                        value: count,
+                    }
+                }))
+                .collect::<Vec<_>>()
+        };
+        let samples = [page("a", 3.0), page("b", 5.0)].concat();
+        let groups = histograms_by(&samples, "d", "service", "src");
+        let group = &groups["s"];
+        assert_eq!(group.histogram.count, 8.0);
+        assert_eq!(group.histogram.sum, 8.0);
+        assert_eq!(
+            group.histogram.buckets,
+            vec![(1.0, 8.0), (f64::INFINITY, 8.0)]
+        );
+        assert_eq!(group.counts["a"], 3.0);
+        assert_eq!(group.counts["b"], 5.0);
     }
 
     #[test]

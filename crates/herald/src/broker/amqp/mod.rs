@@ -802,6 +802,9 @@ pub struct ReconnectingAmqp {
 }
 
 struct Supervisor {
+    /// Whether a task keeps the connection up (see
+    /// [`ReconnectingAmqp::connect`]).
+    kept: std::sync::atomic::AtomicBool,
     url: String,
     options: AmqpOptions,
     current: tokio::sync::RwLock<Option<AmqpBroker>>,
@@ -825,6 +828,7 @@ impl ReconnectingAmqp {
     pub fn new(url: &str, options: AmqpOptions) -> Self {
         ReconnectingAmqp {
             inner: Arc::new(Supervisor {
+                kept: std::sync::atomic::AtomicBool::new(false),
                 url: url.to_owned(),
                 options,
                 current: tokio::sync::RwLock::new(None),
@@ -884,8 +888,14 @@ impl ReconnectingAmqp {
     }
 
     /// Connects now rather than on first use, so that readiness tells
-    /// the truth from the start; failing, it is tried again on use.
+    /// the truth from the start, and keeps connected from then on: a
+    /// lost connection is made again within [`KEEP_CONNECTED_PERIOD`],
+    /// even by a process with nothing to send or receive, so that its
+    /// readiness and metrics do not report an outage long over.
     pub async fn connect(&self) -> Result<(), BusError> {
+        if !self.inner.kept.swap(true, Ordering::Relaxed) {
+            tokio::spawn(keep_connected(Arc::downgrade(&self.inner)));
+        }
         self.broker().await.map(drop)
     }
 
@@ -904,15 +914,38 @@ impl ReconnectingAmqp {
     }
 }
 
+/// How often a kept connection is checked, and made again if lost.
+const KEEP_CONNECTED_PERIOD: Duration = Duration::from_secs(5);
+
+/// Checks the supervisor's connection every [`KEEP_CONNECTED_PERIOD`] and
+/// connects again when it is gone, until the supervisor is dropped.
+async fn keep_connected(supervisor: std::sync::Weak<Supervisor>) {
+    let mut ticks = tokio::time::interval(KEEP_CONNECTED_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = supervisor.upgrade() else {
+            return;
+        };
+        // A failure is logged by the attempt; the next tick tries again.
+        let _ = ReconnectingAmqp { inner }.broker().await;
+    }
+}
+
 impl AmqpBroker {
     /// The ready messages of `queue`, or of its partitions when it is
     /// ordered, counted by declaring each passively on a channel of its
     /// own (a queue that does not exist closes the channel it is asked
-    /// on). RabbitMQ does not say over AMQP how old its messages are.
+    /// on, and lapin logs that as an error). RabbitMQ does not say over
+    /// AMQP how old its messages are.
     async fn count_waiting(&self, queue: &str) -> Result<QueueDepth, BusError> {
         let mut waiting = 0;
-        let mut names = vec![queue.to_owned()];
-        names.extend(Self::partitions_of(queue));
+        let ordered = self.inner.ordered.lock().unwrap().contains(queue);
+        let names = if ordered {
+            Self::partitions_of(queue)
+        } else {
+            vec![queue.to_owned()]
+        };
         for name in names {
             let channel = within(
                 self.timeout(),
