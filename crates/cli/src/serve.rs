@@ -7,6 +7,7 @@
 //! process has a data directory of its own: the users service's outbox,
 //! the mailer's record of what it sent.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -70,6 +71,7 @@ async fn users(args: UsersArgs) -> anyhow::Result<()> {
 
 async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
     let (choice, database) = args.store.data.choices()?;
+    system::check_celery(&args.mail, &choice)?;
     let listener = system::listen(&args.metrics.listen).await?;
     let (from, transport) =
         system::mail_transport(&args.mail, &args.store.data.data_dir)?;
@@ -85,6 +87,9 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
         store.description
     ));
     let metrics = system::start_metrics(listener, &stopper)?;
+    let mailer = Arc::new(mailer);
+    let celery =
+        system::start_celery(&args.mail, &mailer, &choice, grace, &stopper)?;
     let mailer = system::start_mailer(
         mailer,
         subscription,
@@ -93,7 +98,8 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
         grace,
         &stopper,
     );
-    system::run_until_signal(stopper, vec![metrics, mailer], grace).await?;
+    let tasks = [Some(metrics), celery, Some(mailer)].into_iter().flatten();
+    system::run_until_signal(stopper, tasks.collect(), grace).await?;
     store.close().await;
     Ok(())
 }

@@ -111,7 +111,7 @@ pub struct MetricsArgs {
 pub fn start_metrics(
     listener: TcpListener,
     stopper: &Stopper,
-) -> anyhow::Result<(&'static str, JoinHandle<anyhow::Result<()>>)> {
+) -> anyhow::Result<Running> {
     let address = listener.local_addr()?;
     say(&format!("metrics  http://{address}/metrics"));
     let healthz = || async { axum::Json(serde_json::json!({"status": "ok"})) };
@@ -136,6 +136,11 @@ pub struct MailArgs {
     /// The From of welcome emails.
     #[arg(long, env = "HERALD_MAIL_FROM", default_value = DEFAULT_FROM)]
     pub mail_from: String,
+
+    /// Also run the Celery task tasks.send_welcome_email for Python
+    /// callers, from the `celery` queue (needs --broker amqp://...).
+    #[arg(long, env = "HERALD_CELERY")]
+    pub celery: bool,
 }
 
 /// The bus a process was told to use.
@@ -401,13 +406,13 @@ pub async fn open_mailer(
 
 /// Says where the mailer's mail goes and starts it.
 pub fn start_mailer(
-    mailer: Mailer,
+    mailer: Arc<Mailer>,
     subscription: Subscription,
     bus: Arc<dyn Broker>,
     choice: &BusChoice,
     grace: Duration,
     stopper: &Stopper,
-) -> (&'static str, JoinHandle<anyhow::Result<()>>) {
+) -> Running {
     say(&format!(
         "mailer   {} from queue {} on {} -> {}",
         UserRegistered::TYPE,
@@ -415,11 +420,61 @@ pub fn start_mailer(
         choice.describe(),
         mailer.transport().describe()
     ));
-    let handler = Arc::new(mailer);
     (
         "mailer",
-        spawn_worker(bus, subscription, handler, grace, stopper),
+        spawn_worker(bus, subscription, mailer, grace, stopper),
     )
+}
+
+/// Refuses `--celery` without RabbitMQ, before anything starts.
+pub fn check_celery(args: &MailArgs, choice: &BusChoice) -> anyhow::Result<()> {
+    if args.celery && matches!(choice, BusChoice::Embedded) {
+        anyhow::bail!(
+            "--celery needs RabbitMQ: give --broker amqp://..., where the \
+             Celery callers send their tasks"
+        );
+    }
+    Ok(())
+}
+
+/// Starts the mailer's Celery worker, when `--celery` asks for it: the
+/// welcome email as the task `tasks.send_welcome_email` on the `celery`
+/// queue of the RabbitMQ in `choice`.
+pub fn start_celery(
+    args: &MailArgs,
+    mailer: &Arc<Mailer>,
+    choice: &BusChoice,
+    grace: Duration,
+    stopper: &Stopper,
+) -> anyhow::Result<Option<Running>> {
+    if !args.celery {
+        return Ok(None);
+    }
+    check_celery(args, choice)?;
+    let BusChoice::Amqp(url) = choice else {
+        unreachable!("checked: --celery runs on RabbitMQ");
+    };
+    let options = herald::celery::CeleryOptions {
+        service: mailer::SERVICE,
+        shutdown_grace: grace,
+        ..herald::celery::CeleryOptions::default()
+    };
+    say(&format!(
+        "celery   {} from queue {} on {}",
+        mailer::celery::TASK,
+        options.queue,
+        choice.describe()
+    ));
+    let task: Arc<dyn herald::celery::Task> =
+        Arc::new(mailer::celery::WelcomeTask::new(mailer.clone()));
+    let url = url.clone();
+    let stopped = stopper.stopped();
+    let worker = tokio::spawn(async move {
+        herald::celery::serve(&url, vec![task], options, stopped)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    Ok(Some(("Celery worker", worker)))
 }
 
 async fn retry_until_done<F, Fut>(what: &str, mut attempt: F)
@@ -437,6 +492,10 @@ where
         wait = (wait * 2).min(Duration::from_secs(10));
     }
 }
+
+/// A part of the process that runs until the stop: its name, for the
+/// logs, and its task.
+pub type Running = (&'static str, JoinHandle<anyhow::Result<()>>);
 
 /// Tells every part of the process when to stop.
 pub struct Stopper {
@@ -485,7 +544,7 @@ pub async fn start_users(
     listener: TcpListener,
     grace: Duration,
     stopper: &Stopper,
-) -> anyhow::Result<Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>> {
+) -> anyhow::Result<Vec<Running>> {
     let mut tasks = Vec::new();
     let user_store = match (&store.db, &store.embedded) {
         (Db::Postgres(db), _) => {
@@ -557,7 +616,7 @@ async fn start_sqlite_relay(
 /// delivered waits in its queue.
 pub async fn run_until_signal(
     stopper: Stopper,
-    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    tasks: Vec<Running>,
     grace: Duration,
 ) -> anyhow::Result<()> {
     shutdown_signal().await;

@@ -2,6 +2,7 @@
 //! (the default) everything lives in one SQLite file in the data
 //! directory; with `--broker amqp://…` events go through RabbitMQ.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -21,6 +22,7 @@ pub struct UpArgs {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Check every flag and take the port before writing anything.
     let (choice, database) = args.store.data.choices()?;
+    system::check_celery(&args.mail, &choice)?;
     let listener = system::listen(&args.http.listen).await?;
     let (from, transport) =
         system::mail_transport(&args.mail, &args.store.data.data_dir)?;
@@ -36,6 +38,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut tasks =
         system::start_users(&store, &bus, &choice, listener, grace, &stopper)
             .await?;
+    let mailer = Arc::new(mailer);
+    if let Some(celery) =
+        system::start_celery(&args.mail, &mailer, &choice, grace, &stopper)?
+    {
+        tasks.push(celery);
+    }
     tasks.push(system::start_mailer(
         mailer,
         subscription,

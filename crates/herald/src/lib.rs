@@ -11,6 +11,7 @@
 //! and the event announcing it in one transaction.
 
 pub mod broker;
+pub mod celery;
 pub mod db;
 pub mod envelope;
 pub mod metrics;

@@ -672,12 +672,20 @@ async fn run_handler(
     delivery: &Delivery,
     options: &WorkerOptions,
 ) -> Result<(), HandlerError> {
+    run_guarded(handler.handle(delivery), options.handler_timeout).await
+}
+
+/// Runs a handler's `work` for at most `limit`, a panic or a timeout
+/// turned into a transient failure.
+pub(crate) async fn run_guarded<T>(
+    work: impl Future<Output = Result<T, HandlerError>>,
+    limit: Duration,
+) -> Result<T, HandlerError> {
     use std::panic::AssertUnwindSafe;
 
-    let guarded = AssertUnwindSafe(handler.handle(delivery));
     let timed = tokio::time::timeout(
-        options.handler_timeout,
-        futures_catch_unwind(guarded),
+        limit,
+        futures_catch_unwind(AssertUnwindSafe(work)),
     );
     match timed.await {
         Ok(Ok(result)) => result,
@@ -686,8 +694,7 @@ async fn run_handler(
             panic_message(&panic)
         ))),
         Err(_) => Err(HandlerError::transient(format!(
-            "handler timed out after {:?}",
-            options.handler_timeout
+            "handler timed out after {limit:?}"
         ))),
     }
 }

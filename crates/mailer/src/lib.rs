@@ -10,6 +10,7 @@
 //! the same Message-ID, derived from the event id like the Maildir file
 //! name, so that duplicates can still be recognised downstream.
 
+pub mod celery;
 pub mod maildir;
 pub mod templates;
 pub mod transport;
@@ -135,12 +136,24 @@ impl Mailer {
         let event: UserRegistered = envelope
             .decode()
             .map_err(|e| HandlerError::permanent(e.to_string()))?;
-        let name = file_name(envelope.id);
-        let time: SystemTime = envelope.time.into();
-        let message = welcome_message(&self.from, &event, envelope.id, time)?;
+        self.send_welcome(envelope.id, envelope.time.into(), &event)
+            .await
+    }
+
+    /// Sends the welcome email for `event`, once for `id` however often it
+    /// is asked: the event's id, or the id of a Celery task asking for it.
+    /// `time` is the email's date.
+    pub async fn send_welcome(
+        &self,
+        id: Uuid,
+        time: SystemTime,
+        event: &UserRegistered,
+    ) -> Result<(), HandlerError> {
+        let name = file_name(id);
+        let message = welcome_message(&self.from, event, id, time)?;
 
         // Make sure no other handler is sending, or has sent, this email.
-        let claim = self.claim(envelope.id).await?;
+        let claim = self.claim(id).await?;
         match claim {
             Claim::Owned | Claim::TakenOver => {}
             Claim::Sent => {
@@ -167,16 +180,13 @@ impl Mailer {
                      have gone out; sending again with the same Message-ID"
                 );
             }
-            let cut_off = CutOff::expire_claim_of(&self.db, envelope.id);
+            let cut_off = CutOff::expire_claim_of(&self.db, id);
             let sent = self
-                .renewing_claim(
-                    envelope.id,
-                    self.transport.send(&name, &message),
-                )
+                .renewing_claim(id, self.transport.send(&name, &message))
                 .await;
             cut_off.disarm();
             if let Err(error) = sent {
-                self.release(envelope.id).await;
+                self.release(id).await;
                 return Err(match error {
                     SendError::Transient(why) => HandlerError::transient(why),
                     SendError::Permanent(why) => HandlerError::permanent(why),
@@ -192,7 +202,7 @@ impl Mailer {
             }
         }
         tracing::info!("welcome email sent");
-        self.mark_sent(envelope.id).await;
+        self.mark_sent(id).await;
         Ok(())
     }
 

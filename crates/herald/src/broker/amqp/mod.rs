@@ -83,11 +83,11 @@ fn retry_tier(delay: Duration) -> u64 {
         .unwrap_or(RETRY_TIERS[0])
 }
 
-const ATTEMPTS: &str = "x-herald-attempts";
-const REASON: &str = "x-herald-reason";
+pub(crate) const ATTEMPTS: &str = "x-herald-attempts";
+pub(crate) const REASON: &str = "x-herald-reason";
 /// When the message first failed, and when it was dead-lettered (Unix ms).
 const FIRST_FAILED: &str = "x-herald-first-failed-at";
-const DEAD_AT: &str = "x-herald-dead-at";
+pub(crate) const DEAD_AT: &str = "x-herald-dead-at";
 const SUBJECT: &str = "ce-subject";
 const TIME: &str = "ce-time";
 const TRACEPARENT: &str = "traceparent";

@@ -1,0 +1,710 @@
+//! A Celery worker in Rust: consumes a Celery queue over RabbitMQ, runs
+//! the tasks registered with it and reports each result to its caller
+//! through the `rpc://` backend.
+//!
+//! What becomes of a task message:
+//!
+//! - Run, and its value returned to the caller (`SUCCESS`); acknowledged
+//!   after the handler succeeded, so a worker that dies leaves it queued.
+//! - Failed transiently: published again as Celery's `Task.retry` does,
+//!   with `retries` one higher and an `eta` after herald's backoff, until
+//!   the policy's last attempt.
+//! - Failed for good, or on the last attempt: `FAILURE` to the caller,
+//!   and the message to the dead letters (`<queue>.dead`) with the reason.
+//! - Not runnable (an unknown task name, another serializer, protocol 1,
+//!   canvas, a malformed body): dead-lettered at once with the reason, and
+//!   `FAILURE` to the caller when it asked for a result. Never dropped,
+//!   never looped.
+//! - Past its `expires`: `REVOKED` to the caller, not run.
+//!
+//! A task with an `eta` is held, unacknowledged, until its time, as
+//! Celery's own worker does; RabbitMQ's consumer timeout (30 min by
+//! default) bounds how far ahead that may be. The `timelimit` header's
+//! limits, when shorter than the worker's own, bound the run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_lite::StreamExt;
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use super::message;
+use super::result::Outcome;
+use crate::broker::BoxFuture;
+use crate::metrics::{self, Outcome as Recorded};
+use crate::worker::{HandlerError, RetryPolicy};
+use crate::{BusError, trace};
+
+/// Celery's default queue, exchange and routing key.
+pub const DEFAULT_QUEUE: &str = "celery";
+
+/// A task herald runs when Celery callers ask for it by name.
+pub trait Task: Send + Sync + 'static {
+    /// The registered name, e.g. `tasks.send_welcome_email`.
+    fn name(&self) -> &'static str;
+
+    /// Runs one call; the value is the task's result.
+    fn run<'a>(
+        &'a self,
+        call: &'a Call,
+    ) -> BoxFuture<'a, Result<Value, HandlerError>>;
+}
+
+/// One call of a task, as its message asked for it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub message: message::Task,
+}
+
+impl Call {
+    /// The call's arguments as `T`. Positional arguments take the names
+    /// in `params`, in order; keyword arguments keep theirs. Too many
+    /// positional arguments, or one given both ways, fail the call for
+    /// good, as Python's would.
+    pub fn arguments<T: DeserializeOwned>(
+        &self,
+        params: &[&str],
+    ) -> Result<T, HandlerError> {
+        let message = &self.message;
+        if message.args.len() > params.len() {
+            return Err(HandlerError::permanent(format!(
+                "{} takes at most {} positional arguments ({}), {} given",
+                message.name,
+                params.len(),
+                params.join(", "),
+                message.args.len()
+            )));
+        }
+        let mut named = Map::new();
+        for (name, value) in params.iter().zip(&message.args) {
+            named.insert((*name).to_owned(), value.clone());
+        }
+        for (name, value) in &message.kwargs {
+            if named.insert(name.clone(), value.clone()).is_some() {
+                return Err(HandlerError::permanent(format!(
+                    "{} got multiple values for argument {name:?}",
+                    message.name
+                )));
+            }
+        }
+        serde_json::from_value(Value::Object(named)).map_err(|error| {
+            HandlerError::permanent(format!(
+                "bad arguments for {}: {error}",
+                message.name
+            ))
+        })
+    }
+}
+
+/// How a Celery worker runs.
+#[derive(Debug, Clone)]
+pub struct CeleryOptions {
+    /// The service's name in metrics and logs.
+    pub service: &'static str,
+    /// The queue to consume, declared as Celery declares it.
+    pub queue: String,
+    /// Tasks run at once (and the prefetch).
+    pub concurrency: usize,
+    /// A task still running after this long failed transiently, unless
+    /// its `timelimit` header says sooner.
+    pub time_limit: Duration,
+    /// Attempts in all, the first included; retries are published anew.
+    pub retry: RetryPolicy,
+    /// On shutdown, how long running tasks may take to finish.
+    pub shutdown_grace: Duration,
+    /// How long any one call to RabbitMQ may take.
+    pub timeout: Duration,
+}
+
+impl Default for CeleryOptions {
+    fn default() -> Self {
+        CeleryOptions {
+            service: "celery",
+            queue: DEFAULT_QUEUE.to_owned(),
+            concurrency: 8,
+            time_limit: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
+            shutdown_grace: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Runs `tasks` over the Celery queue at `url` until `shutdown`
+/// completes. A lost connection is made again, with backoff; the tasks
+/// it held are redelivered by RabbitMQ.
+pub async fn serve(
+    url: &str,
+    tasks: Vec<Arc<dyn Task>>,
+    options: CeleryOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BusError> {
+    let tasks: HashMap<&'static str, Arc<dyn Task>> =
+        tasks.into_iter().map(|task| (task.name(), task)).collect();
+    let tasks = Arc::new(tasks);
+    tokio::pin!(shutdown);
+    let mut wait = Duration::from_millis(250);
+    loop {
+        let session = Session::open(url, &options).await;
+        let outcome = match session {
+            Ok(session) => {
+                wait = Duration::from_millis(250);
+                session.run(&tasks, &options, &mut shutdown).await
+            }
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(error) => tracing::warn!(
+                error = %crate::error_chain(&error),
+                "Celery worker lost RabbitMQ; connecting again in {wait:?}"
+            ),
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One connection's worth of consuming.
+struct Session {
+    connection: Connection,
+    consuming: Channel,
+    /// A channel in confirm mode for retries, results and dead letters.
+    publisher: Channel,
+}
+
+impl Session {
+    async fn open(
+        url: &str,
+        options: &CeleryOptions,
+    ) -> Result<Self, BusError> {
+        let limit = options.timeout;
+        let connect = Connection::connect(url, ConnectionProperties::default());
+        let connection = within(limit, "connect", connect).await?;
+        let consuming =
+            within(limit, "open a channel", connection.create_channel())
+                .await?;
+        let publisher =
+            within(limit, "open a channel", connection.create_channel())
+                .await?;
+        within(
+            limit,
+            "enable publisher confirms",
+            publisher.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        declare_queue(&consuming, &options.queue, limit).await?;
+        let dead = format!("{}.dead", options.queue);
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        within(
+            limit,
+            "declare the dead letters",
+            consuming.queue_declare(
+                dead.as_str().into(),
+                durable,
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let prefetch = options.concurrency.clamp(1, 65_535) as u16;
+        within(
+            limit,
+            "set the prefetch",
+            consuming.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        tracing::info!(
+            queue = options.queue.as_str(),
+            "consuming Celery tasks"
+        );
+        Ok(Session {
+            connection,
+            consuming,
+            publisher,
+        })
+    }
+
+    /// Consumes until `shutdown` (then `Ok`) or until the connection is
+    /// lost (then the error).
+    async fn run(
+        self,
+        tasks: &Arc<HashMap<&'static str, Arc<dyn Task>>>,
+        options: &CeleryOptions,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(), BusError> {
+        let mut consumer = within(
+            options.timeout,
+            "start consuming",
+            self.consuming.basic_consume(
+                options.queue.as_str().into(),
+                "herald-celery".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let mut running = JoinSet::new();
+        let lost = loop {
+            let permit = tokio::select! {
+                _ = &mut *shutdown => break None,
+                permit = slots.clone().acquire_owned() => {
+                    permit.expect("the semaphore is never closed")
+                }
+            };
+            let delivery = tokio::select! {
+                _ = &mut *shutdown => break None,
+                next = consumer.next() => next,
+            };
+            let delivery = match delivery {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => break Some(BusError::from(error)),
+                None => break Some(BusError::Closed),
+            };
+            let handling = Handling {
+                publisher: self.publisher.clone(),
+                tasks: tasks.clone(),
+                options: options.clone(),
+            };
+            running.spawn(async move {
+                handling.handle(delivery).await;
+                drop(permit);
+            });
+            while running.try_join_next().is_some() {}
+        };
+
+        // Let running tasks finish; what is cut off stays unacknowledged
+        // and RabbitMQ hands it out again once the connection closes.
+        let finished = tokio::time::timeout(options.shutdown_grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                abandoned = running.len(),
+                "shutdown deadline passed; Celery tasks still running are \
+                 handed back"
+            );
+            running.shutdown().await;
+        }
+        let _ = self.connection.close(200, "stopping".into()).await;
+        match lost {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Declares `queue` as Celery does: a durable direct exchange and a
+/// durable queue of that name, bound by that name.
+pub(crate) async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    limit: Duration,
+) -> Result<(), BusError> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    within(
+        limit,
+        "declare a Celery exchange",
+        channel.exchange_declare(
+            queue.into(),
+            lapin::ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    within(
+        limit,
+        "declare a Celery queue",
+        channel.queue_declare(queue.into(), durable, FieldTable::default()),
+    )
+    .await?;
+    within(
+        limit,
+        "bind a Celery queue",
+        channel.queue_bind(
+            queue.into(),
+            queue.into(),
+            queue.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// What handling one task message needs.
+struct Handling {
+    publisher: Channel,
+    tasks: Arc<HashMap<&'static str, Arc<dyn Task>>>,
+    options: CeleryOptions,
+}
+
+impl Handling {
+    async fn handle(&self, delivery: AmqpDelivery) {
+        let service = self.options.service;
+        let span = tracing::info_span!(
+            "handle",
+            service,
+            queue = self.options.queue.as_str(),
+            task = Empty,
+            task_id = Empty,
+            retries = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+            parent_id = Empty,
+        );
+        let decoded =
+            message::Task::decode(&delivery.properties, &delivery.data);
+        let task = decoded.as_ref().ok().and_then(|m| {
+            self.tasks
+                .get(m.name.as_str())
+                .map(|t| (t.name(), t.clone()))
+        });
+        let traceparent = decoded.as_ref().ok().and_then(|m| m.traceparent);
+        if let Ok(message) = &decoded {
+            span.record("task_id", message.id.as_str());
+            span.record("retries", message.retries);
+        }
+        if let Some((name, _)) = &task {
+            span.record("task", *name);
+        }
+        trace::continue_trace(&span, traceparent);
+
+        async {
+            let type_label =
+                task.as_ref().map_or(metrics::UNKNOWN_TYPE, |t| t.0);
+            let settled = match (decoded, task) {
+                (Err(refusal), _) => {
+                    let reason = refusal.to_string();
+                    self.refuse(&delivery, None, &reason).await
+                }
+                (Ok(message), None) => {
+                    let reason = format!(
+                        "unknown task {:?}: this worker runs {}",
+                        shorten(&message.name),
+                        self.known_names()
+                    );
+                    self.refuse(&delivery, Some(&message), &reason).await
+                }
+                (Ok(message), Some((name, task))) => {
+                    self.run(&delivery, message, name, task).await
+                }
+            };
+            match settled {
+                Ok(outcome) => {
+                    if outcome != Recorded::Success {
+                        if outcome == Recorded::DeadLettered {
+                            metrics::dead_lettered(
+                                &self.options.queue,
+                                type_label,
+                            );
+                        } else {
+                            metrics::retried(&self.options.queue, type_label);
+                        }
+                    }
+                    metrics::handled(service, type_label, outcome, None);
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = %crate::error_chain(&error),
+                        "could not settle the task; RabbitMQ will hand it \
+                         out again"
+                    );
+                    let _ = delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await;
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    fn known_names(&self) -> String {
+        let mut names: Vec<&str> = self.tasks.keys().copied().collect();
+        names.sort_unstable();
+        names.join(", ")
+    }
+
+    /// Runs a task it knows, then settles its message by the outcome.
+    async fn run(
+        &self,
+        delivery: &AmqpDelivery,
+        message: message::Task,
+        name: &'static str,
+        task: Arc<dyn Task>,
+    ) -> Result<Recorded, BusError> {
+        if message.expires.is_some_and(|expires| expires <= Utc::now()) {
+            tracing::info!("the task expired before it could run; revoked");
+            self.reply(&message, Outcome::Revoked).await?;
+            self.ack(delivery).await?;
+            return Ok(Recorded::Success);
+        }
+        if let Some(eta) = message.eta {
+            let wait = (eta - Utc::now()).to_std().unwrap_or_default();
+            if !wait.is_zero() {
+                tracing::debug!(
+                    wait_ms = wait.as_millis() as u64,
+                    "holding until its eta"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+
+        let limit = [message.time_limit, message.soft_time_limit]
+            .into_iter()
+            .flatten()
+            .filter(|s| s.is_finite())
+            .map(Duration::from_secs_f64)
+            .fold(self.options.time_limit, Duration::min);
+        let call = Call { message };
+        let started = std::time::Instant::now();
+        let outcome = crate::worker::run_guarded(task.run(&call), limit).await;
+        metrics::handler_ran(self.options.service, name, started.elapsed());
+        let message = call.message;
+
+        match outcome {
+            Ok(value) => {
+                tracing::info!("task succeeded");
+                self.reply(&message, Outcome::Success(value)).await?;
+                self.ack(delivery).await?;
+                Ok(Recorded::Success)
+            }
+            Err(HandlerError::Transient {
+                reason,
+                retry_after,
+            }) if message.retries + 1 < self.options.retry.max_attempts => {
+                let attempt = message.retries + 1;
+                let delay = retry_after
+                    .unwrap_or_else(|| self.options.retry.backoff(attempt));
+                self.retry_later(delivery, &message, delay).await?;
+                tracing::info!(
+                    reason,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "task failed; will retry"
+                );
+                self.ack(delivery).await?;
+                Ok(Recorded::Retried)
+            }
+            Err(error) => {
+                let attempts = message.retries + 1;
+                let reason = match &error {
+                    HandlerError::Permanent { reason } => reason.clone(),
+                    HandlerError::Transient { reason, .. } => {
+                        format!("gave up after {attempts} attempts: {reason}")
+                    }
+                };
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    "task failed; dead-lettered"
+                );
+                let failure = Outcome::failure(error.to_string());
+                self.reply(&message, failure).await?;
+                self.dead_letter(delivery, &reason, attempts).await?;
+                Ok(Recorded::DeadLettered)
+            }
+        }
+    }
+
+    /// Sets aside a message no task here can run, telling its caller.
+    async fn refuse(
+        &self,
+        delivery: &AmqpDelivery,
+        message: Option<&message::Task>,
+        reason: &str,
+    ) -> Result<Recorded, BusError> {
+        tracing::warn!(reason, "task message refused; dead-lettered");
+        if let Some(message) = message {
+            // As Celery's own worker answers an unknown task.
+            let failure = Outcome::Failure {
+                module: "celery.exceptions".to_owned(),
+                kind: "NotRegistered".to_owned(),
+                message: reason.to_owned(),
+            };
+            self.reply(message, failure).await?;
+        }
+        self.dead_letter(delivery, reason, 1).await?;
+        Ok(Recorded::DeadLettered)
+    }
+
+    /// Publishes the outcome to the caller's reply queue, when it asked.
+    async fn reply(
+        &self,
+        message: &message::Task,
+        outcome: Outcome,
+    ) -> Result<(), BusError> {
+        let Some(reply_to) = message.reply_to.as_deref() else {
+            return Ok(());
+        };
+        if message.ignore_result {
+            return Ok(());
+        }
+        let (properties, body) = outcome.reply(&message.id);
+        // The reply queue may be gone (the caller stopped waiting):
+        // published without `mandatory`, such a result is dropped by
+        // RabbitMQ, as with Celery.
+        self.publish("", reply_to, properties, &body, false).await
+    }
+
+    /// Publishes the message again with `retries` one higher and an `eta`
+    /// `delay` from now, as Celery's `Task.retry` does.
+    async fn retry_later(
+        &self,
+        delivery: &AmqpDelivery,
+        message: &message::Task,
+        delay: Duration,
+    ) -> Result<(), BusError> {
+        let eta = Utc::now() + delay;
+        let mut headers = headers_of(&delivery.properties);
+        headers.insert(
+            "retries".into(),
+            AMQPValue::LongInt(
+                (message.retries + 1).min(i32::MAX as u32) as i32
+            ),
+        );
+        headers.insert(
+            "eta".into(),
+            AMQPValue::LongString(
+                eta.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+                    .into(),
+            ),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        let queue = self.options.queue.as_str();
+        self.publish("", queue, properties, &delivery.data, true)
+            .await
+    }
+
+    /// Moves the message to `<queue>.dead`, whole, with the reason.
+    async fn dead_letter(
+        &self,
+        delivery: &AmqpDelivery,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), BusError> {
+        let mut headers = headers_of(&delivery.properties);
+        headers.insert(
+            crate::broker::amqp::REASON.into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            crate::broker::amqp::ATTEMPTS.into(),
+            AMQPValue::LongUInt(attempts),
+        );
+        headers.insert(
+            crate::broker::amqp::DEAD_AT.into(),
+            AMQPValue::LongLongInt(crate::sqlite::now_millis()),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        let dead = format!("{}.dead", self.options.queue);
+        self.publish("", &dead, properties, &delivery.data, true)
+            .await?;
+        self.ack(delivery).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: &[u8],
+        mandatory: bool,
+    ) -> Result<(), BusError> {
+        let confirmed = within(self.options.timeout, "publish", async {
+            self.publisher
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await?;
+        match confirmed {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BusError::Unroutable {
+                event_type: routing_key.to_owned(),
+            }),
+            Confirmation::Nack(_) | Confirmation::NotRequested => {
+                Err(BusError::Nacked)
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &AmqpDelivery) -> Result<(), BusError> {
+        within(
+            self.options.timeout,
+            "acknowledge",
+            delivery.ack(BasicAckOptions::default()),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+/// The message's application headers, to copy with changes.
+fn headers_of(properties: &BasicProperties) -> FieldTable {
+    properties.headers().clone().unwrap_or_default()
+}
+
+/// Text from a message, cut short enough for a reason.
+fn shorten(text: &str) -> String {
+    const MAX: usize = 100;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+async fn within<T>(
+    limit: Duration,
+    what: &'static str,
+    operation: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(limit, operation).await {
+        Ok(outcome) => Ok(outcome?),
+        Err(_) => Err(BusError::Timeout { what }),
+    }
+}
