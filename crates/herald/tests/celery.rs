@@ -81,3 +81,111 @@ async fn a_countdown_holds_the_task_until_its_time() {
     assert!(started.elapsed() >= Duration::from_millis(1900));
     client.close().await;
 }
+
+/// A Rust task that fails transiently until its third attempt, noting
+/// the `retries` header of each attempt, or sleeps for `nap`.
+struct Flaky {
+    seen: std::sync::Mutex<Vec<u32>>,
+    nap: Duration,
+}
+
+impl herald::celery::Task for Flaky {
+    fn name(&self) -> &'static str {
+        "tests.flaky"
+    }
+
+    fn run<'a>(
+        &'a self,
+        call: &'a herald::celery::Call,
+    ) -> herald::broker::BoxFuture<
+        'a,
+        Result<serde_json::Value, herald::HandlerError>,
+    > {
+        Box::pin(async move {
+            let retries = call.message.retries;
+            self.seen.lock().unwrap().push(retries);
+            tokio::time::sleep(self.nap).await;
+            if retries < 2 {
+                return Err(herald::HandlerError::transient("not yet"));
+            }
+            Ok(json!({ "retries": retries }))
+        })
+    }
+}
+
+/// Runs `task` in a herald Celery worker on `url` until the returned
+/// sender is dropped or sent to.
+fn rust_worker(
+    url: &str,
+    task: std::sync::Arc<Flaky>,
+    max_attempts: u32,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = herald::celery::CeleryOptions {
+        retry: herald::RetryPolicy {
+            max_attempts,
+            base: Duration::from_millis(50),
+            cap: Duration::from_millis(100),
+        },
+        ..herald::celery::CeleryOptions::default()
+    };
+    let url = url.to_owned();
+    tokio::spawn(async move {
+        let tasks: Vec<std::sync::Arc<dyn herald::celery::Task>> = vec![task];
+        herald::celery::serve(&url, tasks, options, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    stop
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_transient_failure_is_retried_as_celery_does_then_succeeds() {
+    let vhost = TestVhost::create().unwrap();
+    let flaky = std::sync::Arc::new(Flaky {
+        seen: Default::default(),
+        nap: Duration::ZERO,
+    });
+    let _stop = rust_worker(vhost.url(), flaky.clone(), 5);
+    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+
+    let id = client
+        .send(Send::task("tests.flaky", vec![], Map::new()))
+        .await
+        .unwrap();
+
+    let outcome = client.result(&id, WAIT).await;
+    assert_eq!(outcome, Some(Outcome::Success(json!({ "retries": 2 }))));
+    assert_eq!(*flaky.seen.lock().unwrap(), vec![0, 1, 2]);
+    client.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn the_time_limit_header_bounds_each_run_and_the_last_fails_the_task() {
+    let vhost = TestVhost::create().unwrap();
+    let sleepy = std::sync::Arc::new(Flaky {
+        seen: Default::default(),
+        nap: Duration::from_secs(20),
+    });
+    let _stop = rust_worker(vhost.url(), sleepy.clone(), 2);
+    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let sent = Send::task("tests.flaky", vec![], Map::new())
+        .time_limits(Some(0.3), None);
+    let id = client.send(sent).await.unwrap();
+
+    match client.result(&id, WAIT).await {
+        Some(Outcome::Failure { message, .. }) => {
+            assert!(message.contains("timed out"), "{message}");
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    // Two attempts of 0.3 s, not one of 20 s.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(*sleepy.seen.lock().unwrap(), vec![0, 1]);
+    client.close().await;
+}

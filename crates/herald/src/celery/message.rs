@@ -354,13 +354,19 @@ impl Outgoing {
             let left = (expires - Utc::now()).num_milliseconds().max(0);
             properties = properties.with_expiration(left.to_string().into());
         }
-        let embed = json!({
-            "callbacks": null, "errbacks": null, "chain": null, "chord": null
-        });
-        let body = python_json(&json!([self.args, self.kwargs, embed]));
+        let body = format!(
+            "[{}, {}, {NO_CANVAS}]",
+            python_json(&Value::Array(self.args.clone())),
+            python_json(&Value::Object(self.kwargs.clone())),
+        );
         (properties, body.into_bytes())
     }
 }
+
+/// The body's `embed` when there is no canvas, its fields in Celery's
+/// order.
+const NO_CANVAS: &str =
+    r#"{"callbacks": null, "errbacks": null, "chain": null, "chord": null}"#;
 
 /// `gen<pid>@<host>`, as Celery names a producer.
 fn origin() -> String {
@@ -481,5 +487,141 @@ fn shorten(text: String) -> String {
     match text.char_indices().nth(MAX) {
         Some((end, _)) => format!("{}...", &text[..end]),
         None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn welcome() -> Outgoing {
+        Outgoing {
+            id: "6f1c8b52-3a0e-4c1e-9a51-6a1d0c2f7b10".into(),
+            name: "tasks.send_welcome_email".into(),
+            args: vec![json!("lilei@example.com"), json!("李雷")],
+            kwargs: Map::new(),
+            retries: 0,
+            eta: None,
+            expires: None,
+            time_limit: None,
+            soft_time_limit: None,
+            root_id: None,
+            parent_id: None,
+            reply_to: Some("71fdfa19-5f63-340c-801c-41c7e65a01c2".into()),
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn the_body_is_byte_for_byte_what_python_celery_publishes() {
+        let (_, body) = welcome().encode();
+        // Captured from Python's Celery 5.7.0 for
+        // send_welcome_email.delay("lilei@example.com", "李雷").
+        let python = r#"[["lilei@example.com", "\u674e\u96f7"], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
+        assert_eq!(String::from_utf8(body).unwrap(), python);
+    }
+
+    #[test]
+    fn the_headers_have_the_names_and_types_python_celery_sends() {
+        let (properties, _) = welcome().encode();
+        let headers = properties.headers().clone().unwrap();
+        let header = |name: &str| headers.inner().get(name).cloned();
+        assert_eq!(header("lang"), Some(AMQPValue::LongString("py".into())));
+        assert_eq!(header("retries"), Some(AMQPValue::LongInt(0)));
+        assert_eq!(header("shadow"), Some(AMQPValue::Void));
+        assert_eq!(header("ignore_result"), Some(AMQPValue::Boolean(false)));
+        assert_eq!(
+            header("argsrepr"),
+            Some(AMQPValue::LongString(
+                "('lilei@example.com', '李雷')".into()
+            ))
+        );
+        assert_eq!(
+            header("root_id"),
+            Some(AMQPValue::LongString(welcome().id.as_str().into()))
+        );
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            properties.correlation_id().as_ref().map(|c| c.as_str()),
+            Some(welcome().id.as_str())
+        );
+    }
+
+    #[test]
+    fn what_herald_sends_it_reads_back() {
+        let mut sent = welcome();
+        sent.eta = Some(Utc::now());
+        sent.time_limit = Some(30.0);
+        let (properties, body) = sent.encode();
+        let task = Task::decode(&properties, &body).unwrap();
+        assert_eq!(task.id, sent.id);
+        assert_eq!(task.name, sent.name);
+        assert_eq!(task.args, sent.args);
+        assert_eq!(task.time_limit, Some(30.0));
+        assert_eq!(task.soft_time_limit, None);
+        assert_eq!(task.reply_to, sent.reply_to);
+        let eta = task.eta.unwrap();
+        assert!(
+            (eta - sent.eta.unwrap()).num_microseconds().unwrap().abs() < 2
+        );
+    }
+
+    fn refusal(properties: BasicProperties, body: &str) -> Refusal {
+        Task::decode(&properties, body.as_bytes()).unwrap_err()
+    }
+
+    fn task_headers() -> FieldTable {
+        let mut headers = FieldTable::default();
+        headers.insert("task".into(), AMQPValue::LongString("t".into()));
+        headers.insert("id".into(), AMQPValue::LongString("1".into()));
+        headers
+    }
+
+    #[test]
+    fn what_herald_cannot_run_is_refused_with_a_reason() {
+        let json = || {
+            BasicProperties::default()
+                .with_content_type(JSON.into())
+                .with_headers(task_headers())
+        };
+        let v1 = r#"{"task": "t", "id": "1", "args": [], "kwargs": {}}"#;
+        assert_eq!(
+            refusal(BasicProperties::default(), v1),
+            Refusal::ProtocolOne
+        );
+        assert_eq!(
+            refusal(BasicProperties::default(), "[]"),
+            Refusal::NotATask
+        );
+        let pickle =
+            json().with_content_type("application/x-python-serialize".into());
+        assert!(matches!(refusal(pickle, "x"), Refusal::ContentType(_)));
+        let canvas = r#"[[], {}, {"callbacks": [{"task": "next"}]}]"#;
+        assert_eq!(refusal(json(), canvas), Refusal::Canvas("callbacks"));
+        let chain = r#"[[], {}, {"chain": [{"task": "next"}]}]"#;
+        assert_eq!(refusal(json(), chain), Refusal::Canvas("chain"));
+        for malformed in
+            ["", "{}", "[[], {}]", "[{}, {}, null]", "[[], [], null]"]
+        {
+            assert!(
+                matches!(refusal(json(), malformed), Refusal::Malformed(_)),
+                "{malformed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_naive_eta_is_utc() {
+        let mut headers = task_headers();
+        headers.insert(
+            "eta".into(),
+            AMQPValue::LongString("2026-08-21T10:00:00.123456".into()),
+        );
+        let properties = BasicProperties::default().with_headers(headers);
+        let task = Task::decode(&properties, b"[[], {}, null]").unwrap();
+        assert_eq!(
+            task.eta.unwrap().to_rfc3339(),
+            "2026-08-21T10:00:00.123456+00:00"
+        );
     }
 }
