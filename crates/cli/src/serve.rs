@@ -51,6 +51,7 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
 
 async fn users(args: UsersArgs) -> anyhow::Result<()> {
     let (choice, database) = args.store.data.choices()?;
+    let welcome = args.http.welcome(&choice)?;
     let listener = system::listen(&args.http.listen).await?;
     let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
@@ -61,9 +62,10 @@ async fn users(args: UsersArgs) -> anyhow::Result<()> {
         "herald serve users: data in {}",
         store.description
     ));
-    let tasks =
-        system::start_users(&store, &bus, &choice, listener, grace, &stopper)
-            .await?;
+    let tasks = system::start_users(
+        &store, &bus, &choice, welcome, listener, grace, &stopper,
+    )
+    .await?;
     system::run_until_signal(stopper, tasks, grace).await?;
     store.close().await;
     Ok(())

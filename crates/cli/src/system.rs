@@ -29,6 +29,7 @@ use mailer::{DEFAULT_FROM, Mailer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use users::celery::{CeleryRelay, Welcome};
 use users::store::UserStore;
 
 use crate::telemetry;
@@ -93,6 +94,40 @@ pub struct HttpArgs {
     /// Address the users service listens on.
     #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:5000")]
     pub listen: String,
+
+    /// How a registration asks for its welcome email: `event`
+    /// (user.registered.v1, for herald's mailer), `celery` (the Celery
+    /// task tasks.send_welcome_email, for a Python Celery worker; needs
+    /// --broker amqp://...) or `both`.
+    #[arg(long, env = "HERALD_WELCOME", value_enum, default_value = "event")]
+    pub welcome: WelcomeChoice,
+}
+
+/// `--welcome`: see [`users::celery::Welcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WelcomeChoice {
+    Event,
+    Celery,
+    Both,
+}
+
+impl HttpArgs {
+    /// The `--welcome` asked for, refused without RabbitMQ, before
+    /// anything starts.
+    pub fn welcome(&self, choice: &BusChoice) -> anyhow::Result<Welcome> {
+        let welcome = match self.welcome {
+            WelcomeChoice::Event => Welcome::Event,
+            WelcomeChoice::Celery => Welcome::Celery,
+            WelcomeChoice::Both => Welcome::Both,
+        };
+        if welcome != Welcome::Event && matches!(choice, BusChoice::Embedded) {
+            anyhow::bail!(
+                "--welcome celery needs RabbitMQ: give --broker amqp://..., \
+                 where the Python Celery worker takes its tasks"
+            );
+        }
+        Ok(welcome)
+    }
 }
 
 /// Where a service without an API serves its metrics.
@@ -541,18 +576,37 @@ pub async fn start_users(
     store: &Store,
     bus: &Arc<dyn Broker>,
     choice: &BusChoice,
+    welcome: Welcome,
     listener: TcpListener,
     grace: Duration,
     stopper: &Stopper,
 ) -> anyhow::Result<Vec<Running>> {
     let mut tasks = Vec::new();
+    // Welcome emails asked of a Python Celery worker go out through the
+    // same relay as events.
+    let relay_target: Arc<dyn Broker> = match choice {
+        BusChoice::Amqp(url) if welcome != Welcome::Event => {
+            say(&format!(
+                "welcome  {} to queue celery on {}{}",
+                users::celery::WELCOME_TASK,
+                choice.describe(),
+                if welcome == Welcome::Both {
+                    ", and the event"
+                } else {
+                    ""
+                }
+            ));
+            Arc::new(CeleryRelay::new(bus.clone(), url, welcome))
+        }
+        _ => bus.clone(),
+    };
     let user_store = match (&store.db, &store.embedded) {
         (Db::Postgres(db), _) => {
             let outbox = Outbox::open(db.clone())
                 .await
                 .context("cannot prepare the outbox")?;
             let relay = outbox.clone();
-            let (bus, stopped) = (bus.clone(), stopper.stopped());
+            let (bus, stopped) = (relay_target.clone(), stopper.stopped());
             tasks.push((
                 "outbox relay",
                 task(async move { relay.relay(bus, stopped).await }),
@@ -563,7 +617,8 @@ pub async fn start_users(
             if let BusChoice::Amqp(_) = choice {
                 tasks.push((
                     "outbox relay",
-                    start_sqlite_relay(embedded, bus, grace, stopper).await?,
+                    start_sqlite_relay(embedded, &relay_target, grace, stopper)
+                        .await?,
                 ));
             }
             UserStore::sqlite(embedded.clone()).await

@@ -22,6 +22,7 @@ pub struct UpArgs {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Check every flag and take the port before writing anything.
     let (choice, database) = args.store.data.choices()?;
+    let welcome = args.http.welcome(&choice)?;
     system::check_celery(&args.mail, &choice)?;
     let listener = system::listen(&args.http.listen).await?;
     let (from, transport) =
@@ -35,9 +36,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let grace = Duration::from_secs(args.store.shutdown_grace_secs);
     let stopper = Stopper::new();
     system::say(&format!("herald up: data in {}", store.description));
-    let mut tasks =
-        system::start_users(&store, &bus, &choice, listener, grace, &stopper)
-            .await?;
+    let mut tasks = system::start_users(
+        &store, &bus, &choice, welcome, listener, grace, &stopper,
+    )
+    .await?;
     let mailer = Arc::new(mailer);
     if let Some(celery) =
         system::start_celery(&args.mail, &mailer, &choice, grace, &stopper)?

@@ -146,3 +146,37 @@ fn dead_letter_reasons(vhost: &TestVhost) -> Vec<String> {
         .map(|letter| letter["reason"].as_str().unwrap_or("").to_owned())
         .collect()
 }
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ and Python: set HERALD_TEST_AMQP_URL"]
+async fn a_registration_asks_the_unchanged_python_worker_for_the_welcome() {
+    let vhost = TestVhost::create().unwrap();
+    let smtp = testkit::SmtpServer::start().unwrap();
+    let mut worker =
+        testkit::celery::CeleryWorker::start(vhost.url(), smtp.address())
+            .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let users = Herald::serve_users(
+        data.path(),
+        &["--welcome", "celery", "--broker", vhost.url()],
+    );
+
+    let (status, body) = users
+        .register(json!({
+            "user_id": "wangfang@example.com",
+            "user_name": "王芳",
+            "user_password": "correct horse battery",
+            "locale": "zh-CN",
+        }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    // The Python worker ran it and sent the email, as it always did.
+    let emails = smtp.wait_for(1, WAIT).unwrap();
+    assert_eq!(emails[0].header("Subject"), Some("Welcome, 王芳!"));
+    worker
+        .wait_for_log("succeeded", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", worker.logs()));
+    let logs = worker.logs();
+    assert!(!logs.contains("ERROR"), "{logs}");
+}

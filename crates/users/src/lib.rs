@@ -4,6 +4,7 @@
 //! Building the service ([`Users::open`]) is apart from running it
 //! ([`serve`]), so tests run the production start-up path on port 0.
 
+pub mod celery;
 pub mod domain;
 pub mod http;
 pub mod password;

@@ -39,14 +39,15 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub struct CeleryClient {
     connection: Connection,
     publisher: Channel,
-    reply_to: String,
-    results: Arc<Results>,
+    /// This client's reply queue and the results it collects; `None` for
+    /// a client that only sends.
+    replies: Option<(String, Arc<Results>)>,
 }
 
 impl std::fmt::Debug for CeleryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CeleryClient")
-            .field("reply_to", &self.reply_to)
+            .field("reply_to", &self.replies.as_ref().map(|(q, _)| q))
             .finish()
     }
 }
@@ -87,6 +88,7 @@ impl Send {
                 root_id: None,
                 parent_id: None,
                 reply_to: None,
+                ignore_result: false,
                 traceparent: None,
             },
             queue: DEFAULT_QUEUE.to_owned(),
@@ -143,8 +145,9 @@ impl Send {
 }
 
 impl CeleryClient {
-    /// Connects to RabbitMQ at `url` and starts listening for results.
-    pub async fn connect(url: &str) -> Result<Self, BusError> {
+    /// Connects to RabbitMQ at `url` to send tasks whose results nobody
+    /// waits for: they are sent with `ignore_result`.
+    pub async fn sender(url: &str) -> Result<Self, BusError> {
         let connect = Connection::connect(url, ConnectionProperties::default());
         let connection = within("connect", connect).await?;
         let publisher =
@@ -154,6 +157,20 @@ impl CeleryClient {
             publisher.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
+        Ok(CeleryClient {
+            connection,
+            publisher,
+            replies: None,
+        })
+    }
+
+    /// Connects to RabbitMQ at `url` and starts listening for results.
+    pub async fn connect(url: &str) -> Result<Self, BusError> {
+        let CeleryClient {
+            connection,
+            publisher,
+            ..
+        } = Self::sender(url).await?;
 
         let reply_to = uuid::Uuid::new_v4().to_string();
         let mut arguments = FieldTable::default();
@@ -204,8 +221,7 @@ impl CeleryClient {
         Ok(CeleryClient {
             connection,
             publisher,
-            reply_to,
-            results,
+            replies: Some((reply_to, results)),
         })
     }
 
@@ -213,7 +229,10 @@ impl CeleryClient {
     /// on this client's reply queue; returns its id.
     pub async fn send(&self, send: Send) -> Result<String, BusError> {
         let Send { mut message, queue } = send;
-        message.reply_to = Some(self.reply_to.clone());
+        match &self.replies {
+            Some((reply_to, _)) => message.reply_to = Some(reply_to.clone()),
+            None => message.ignore_result = true,
+        }
         declare_queue(&self.publisher, &queue, TIMEOUT).await?;
         let (properties, body) = message.encode();
         let confirmed = within("publish a task", async {
@@ -244,13 +263,15 @@ impl CeleryClient {
     }
 
     /// Waits up to `limit` for the result of the task `id` sent by this
-    /// client; `None` when it has not come by then.
+    /// client; `None` when it has not come by then, or this client only
+    /// sends.
     pub async fn result(&self, id: &str, limit: Duration) -> Option<Outcome> {
+        let (_, results) = self.replies.as_ref()?;
         let waited = tokio::time::timeout(limit, async {
             loop {
-                let news = self.results.news.notified();
+                let news = results.news.notified();
                 if let Some(outcome) =
-                    self.results.arrived.lock().unwrap().remove(id)
+                    results.arrived.lock().unwrap().remove(id)
                 {
                     return outcome;
                 }

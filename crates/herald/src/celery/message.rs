@@ -279,6 +279,9 @@ pub struct Outgoing {
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
     pub reply_to: Option<String>,
+    /// Whether the worker should keep the result to itself (a caller that
+    /// will not wait for it).
+    pub ignore_result: bool,
     pub traceparent: Option<TraceContext>,
 }
 
@@ -332,7 +335,7 @@ impl Outgoing {
             string(&python_repr(&Value::Object(self.kwargs.clone()))),
         );
         set("origin", string(&origin()));
-        set("ignore_result", AMQPValue::Boolean(false));
+        set("ignore_result", AMQPValue::Boolean(self.ignore_result));
         set("replaced_task_nesting", AMQPValue::LongInt(0));
         set("stamped_headers", AMQPValue::Void);
         set("stamps", AMQPValue::FieldTable(FieldTable::default()));
@@ -508,6 +511,7 @@ mod tests {
             root_id: None,
             parent_id: None,
             reply_to: Some("71fdfa19-5f63-340c-801c-41c7e65a01c2".into()),
+            ignore_result: false,
             traceparent: None,
         }
     }
