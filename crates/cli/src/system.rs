@@ -176,6 +176,10 @@ pub struct MailArgs {
     /// callers, from the `celery` queue (needs --broker amqp://...).
     #[arg(long, env = "HERALD_CELERY")]
     pub celery: bool,
+
+    /// The Celery queue --celery consumes, declared as Celery declares it.
+    #[arg(long, env = "HERALD_CELERY_QUEUE", default_value = "celery")]
+    pub celery_queue: String,
 }
 
 /// The bus a process was told to use.
@@ -491,6 +495,7 @@ pub fn start_celery(
     };
     let options = herald::celery::CeleryOptions {
         service: mailer::SERVICE,
+        queue: args.celery_queue.clone(),
         shutdown_grace: grace,
         ..herald::celery::CeleryOptions::default()
     };

@@ -261,11 +261,16 @@ async fn acknowledge(
 
 /// The event id a dead letter is known by; the nil id for a message that
 /// came without one (such messages can be replayed or purged with all).
+/// The id a dead letter is listed and picked by: a herald event's
+/// message id, or a Celery task's id (its correlation id); nil for a
+/// message with neither.
 fn event_id_of(properties: &BasicProperties) -> Uuid {
-    properties
-        .message_id()
-        .as_ref()
-        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+    let message_id = properties.message_id().as_ref();
+    let task_id = properties.correlation_id().as_ref();
+    [message_id, task_id]
+        .into_iter()
+        .flatten()
+        .find_map(|id| Uuid::parse_str(id.as_str()).ok())
         .unwrap_or_default()
 }
 
