@@ -576,7 +576,7 @@ fn unhandleable(delivery: &Delivery, event_types: &[&str]) -> Option<String> {
 }
 
 /// Text from a message, cut short enough for a log line or a reason.
-fn shorten(text: &str) -> String {
+pub(crate) fn shorten(text: &str) -> String {
     const MAX: usize = 100;
     match text.char_indices().nth(MAX) {
         Some((end, _)) => format!("{}…", &text[..end]),

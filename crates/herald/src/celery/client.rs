@@ -286,12 +286,10 @@ impl CeleryClient {
     }
 }
 
+/// Runs a RabbitMQ call under the client's [`TIMEOUT`].
 async fn within<T>(
     what: &'static str,
     operation: impl Future<Output = Result<T, lapin::Error>>,
 ) -> Result<T, BusError> {
-    match tokio::time::timeout(TIMEOUT, operation).await {
-        Ok(outcome) => Ok(outcome?),
-        Err(_) => Err(BusError::Timeout { what }),
-    }
+    crate::broker::amqp::within(TIMEOUT, what, operation).await
 }

@@ -48,8 +48,9 @@ use tracing::field::Empty;
 use super::message;
 use super::result::Outcome;
 use crate::broker::BoxFuture;
+use crate::broker::amqp::within;
 use crate::metrics::{self, Outcome as Recorded};
-use crate::worker::{HandlerError, RetryPolicy};
+use crate::worker::{HandlerError, RetryPolicy, shorten};
 use crate::{BusError, trace};
 
 /// Celery's default queue, exchange and routing key.
@@ -687,24 +688,4 @@ impl Handling {
 /// The message's application headers, to copy with changes.
 fn headers_of(properties: &BasicProperties) -> FieldTable {
     properties.headers().clone().unwrap_or_default()
-}
-
-/// Text from a message, cut short enough for a reason.
-fn shorten(text: &str) -> String {
-    const MAX: usize = 100;
-    match text.char_indices().nth(MAX) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
-    }
-}
-
-async fn within<T>(
-    limit: Duration,
-    what: &'static str,
-    operation: impl Future<Output = Result<T, lapin::Error>>,
-) -> Result<T, BusError> {
-    match tokio::time::timeout(limit, operation).await {
-        Ok(outcome) => Ok(outcome?),
-        Err(_) => Err(BusError::Timeout { what }),
-    }
 }

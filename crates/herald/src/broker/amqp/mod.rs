@@ -670,7 +670,7 @@ impl Broker for AmqpBroker {
 }
 
 /// Runs a broker operation under the timeout every network call has.
-async fn within<T>(
+pub(crate) async fn within<T>(
     limit: Duration,
     what: &'static str,
     operation: impl Future<Output = Result<T, lapin::Error>>,
