@@ -180,3 +180,28 @@ async fn a_registration_asks_the_unchanged_python_worker_for_the_welcome() {
     let logs = worker.logs();
     assert!(!logs.contains("ERROR"), "{logs}");
 }
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ and Python: set HERALD_TEST_AMQP_URL"]
+async fn a_task_sent_twice_with_one_id_is_mailed_once() {
+    use herald::celery::{CeleryClient, Outcome, Send};
+
+    let vhost = TestVhost::create().unwrap();
+    let mail = tempfile::tempdir().unwrap();
+    let _mailer = mailer_with_celery(&vhost, mail.path());
+    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+
+    let id = uuid::Uuid::new_v4().to_string();
+    for _ in 0..2 {
+        let args = vec![json!("twice@example.com"), json!("Twice")];
+        let sent = Send::task(WELCOME_TASK, args, serde_json::Map::new())
+            .id(id.clone());
+        client.send(sent).await.unwrap();
+        let outcome = client.result(&id, WAIT).await;
+        assert!(matches!(outcome, Some(Outcome::Success(_))), "{outcome:?}");
+    }
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(testkit::count_files(&mail.path().join("new")), 1);
+    client.close().await;
+}

@@ -189,3 +189,26 @@ async fn the_time_limit_header_bounds_each_run_and_the_last_fails_the_task() {
     assert_eq!(*sleepy.seen.lock().unwrap(), vec![0, 1]);
     client.close().await;
 }
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_task_that_expires_before_its_eta_is_revoked_and_not_run() {
+    let vhost = TestVhost::create().unwrap();
+    let flaky = std::sync::Arc::new(Flaky {
+        seen: Default::default(),
+        nap: Duration::ZERO,
+    });
+    let _stop = rust_worker(vhost.url(), flaky.clone(), 5);
+    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+
+    // Due after it expires: held until its eta, then found expired.
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let sent = Send::task("tests.flaky", vec![], Map::new())
+        .expires(expires)
+        .countdown(Duration::from_secs(2));
+    let id = client.send(sent).await.unwrap();
+
+    assert_eq!(client.result(&id, WAIT).await, Some(Outcome::Revoked));
+    assert!(flaky.seen.lock().unwrap().is_empty());
+    client.close().await;
+}

@@ -471,12 +471,6 @@ impl Handling {
         name: &'static str,
         task: Arc<dyn Task>,
     ) -> Result<Recorded, BusError> {
-        if message.expires.is_some_and(|expires| expires <= Utc::now()) {
-            tracing::info!("the task expired before it could run; revoked");
-            self.reply(&message, Outcome::Revoked).await?;
-            self.ack(delivery).await?;
-            return Ok(Recorded::Success);
-        }
         if let Some(eta) = message.eta {
             let wait = (eta - Utc::now()).to_std().unwrap_or_default();
             if !wait.is_zero() {
@@ -488,6 +482,13 @@ impl Handling {
             }
         }
 
+        // Expiry is judged when the task is due, as Celery does.
+        if message.expires.is_some_and(|expires| expires <= Utc::now()) {
+            tracing::info!("the task expired before it could run; revoked");
+            self.reply(&message, Outcome::Revoked).await?;
+            self.ack(delivery).await?;
+            return Ok(Recorded::Success);
+        }
         let limit = [message.time_limit, message.soft_time_limit]
             .into_iter()
             .flatten()
