@@ -72,6 +72,34 @@ pub struct BusArgs {
     json: bool,
 }
 
+/// A progress bar on stderr, drawn only when stderr is a terminal, so
+/// that logs and piped output stay clean.
+pub(crate) fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg:>18} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)",
+    )
+    .expect("the template is valid")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Moves `bar` to `position(&state)` ten times a second until aborted.
+pub(crate) fn tick<S: Send + Sync + 'static>(
+    bar: indicatif::ProgressBar,
+    state: S,
+    position: impl Fn(&S) -> u64 + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            bar.set_position(position(&state));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 /// The highest `--rate` accepted: far beyond what Argon2 allows here.
 const MAX_RATE: f64 = 10_000.0;
 
@@ -178,10 +206,16 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     };
     eprintln!("driving registrations for {}s ({mode})", args.duration_secs);
     let prober = tokio::spawn(probe_health(client, base.clone(), duration));
+    let clock = progress(args.duration_secs, "seconds of load");
+    let ticking = tick(clock.clone(), Instant::now(), |started: &Instant| {
+        started.elapsed().as_secs()
+    });
     let outcome = match args.rate {
         Some(rate) => load.open_loop(rate, duration).await,
         None => load.saturate(concurrency, duration).await,
     };
+    ticking.abort();
+    clock.finish_and_clear();
     let health = prober.await?;
 
     // Emails: wait for every accepted registration's, then time them by

@@ -5,6 +5,12 @@
 //! runs a handler that does nothing, and acknowledges each. The clock runs
 //! from the first publish to the last acknowledgement.
 //!
+//! On the embedded bus the same run measures the ceiling below herald: the
+//! same rows inserted into and deleted from a SQLite table of the same
+//! file settings (WAL, `synchronous = NORMAL`, one writer), by sqlx, in
+//! transactions of up to [`CEILING_BATCH`] rows, the most any single
+//! writer could make of that work.
+//!
 //! On RabbitMQ the same run measures the ceiling below herald: raw lapin
 //! publishing with a confirm per message and consuming with an ack per
 //! message, with the same publishers, prefetch and payloads, on the same
@@ -95,7 +101,9 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
                 uninstrumented = Some(rates?);
             }
             let db = dir.path().join("bench.db");
-            (embedded(&db, &queue, event_type, &args).await?, None)
+            let rates = embedded(&db, &queue, event_type, &args).await?;
+            let ceiling = raw_sqlite(&dir.path().join("raw.db"), &args).await?;
+            (rates, Some(ceiling))
         }
         BusChoice::Amqp(url) => {
             let options = AmqpOptions {
@@ -126,6 +134,10 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
         "broker": choice.describe(),
         "herald": rates_json(&herald),
         "ceiling": ceiling.as_ref().map(rates_json),
+        "ceiling_is": match choice {
+            BusChoice::Embedded => "raw SQLite",
+            BusChoice::Amqp(_) => "raw lapin",
+        },
         "ratio": ceiling.as_ref().map(|c| herald.end_to_end / c.end_to_end),
         "uninstrumented": uninstrumented.as_ref().map(rates_json),
         "instrumented_ratio": uninstrumented
@@ -152,12 +164,16 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(ceiling) = &ceiling {
+        let name = match choice {
+            BusChoice::Embedded => "raw SQLite",
+            BusChoice::Amqp(_) => "raw lapin",
+        };
         println!(
-            "raw lapin: {:>9.0} events/s end to end, {:>9.0}/s publishing",
+            "{name}: {:>9.0} events/s end to end, {:>9.0}/s publishing",
             ceiling.end_to_end, ceiling.publish
         );
         println!(
-            "herald / raw lapin: {:.2}",
+            "herald / {name}: {:.2}",
             herald.end_to_end / ceiling.end_to_end
         );
     }
@@ -236,14 +252,77 @@ async fn through_herald(
             anyhow::Ok(())
         });
     }
+    let bar = super::progress(args.events, "events handled");
+    let ticking = super::tick(bar.clone(), counter.clone(), |counter| {
+        counter.handled.load(Ordering::Relaxed)
+    });
     while let Some(published) = publishers.join_next().await {
         published??;
     }
     let published_in = start.elapsed();
-    wait_for(counter.done.notified()).await?;
+    let done = wait_for(counter.done.notified()).await;
+    ticking.abort();
+    bar.finish_and_clear();
+    done?;
     let elapsed = start.elapsed();
     stop.send(true)?;
     consumer.await??;
+    Ok(Rates {
+        end_to_end: args.events as f64 / elapsed.as_secs_f64(),
+        publish: args.events as f64 / published_in.as_secs_f64(),
+    })
+}
+
+/// The most rows one transaction of the SQLite ceiling takes: as many as
+/// herald's group commit puts in one.
+const CEILING_BATCH: u64 = 512;
+
+/// The SQLite ceiling: the events' rows inserted, then deleted, in
+/// batched transactions on one writer, with the bus's file settings.
+async fn raw_sqlite(
+    path: &std::path::Path,
+    args: &BusArgs,
+) -> anyhow::Result<Rates> {
+    let db = Database::open(path).await?;
+    sqlx::query(
+        "CREATE TABLE rows (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL,
+             event_type TEXT NOT NULL, time TEXT NOT NULL,
+             payload BLOB NOT NULL)",
+    )
+    .execute(db.writer())
+    .await?;
+    let data = payload(args.size);
+
+    let start = Instant::now();
+    for first in (0..args.events).step_by(CEILING_BATCH as usize) {
+        let mut tx = db.begin().await?;
+        for seq in first..(first + CEILING_BATCH).min(args.events) {
+            sqlx::query(
+                "INSERT INTO rows (seq, event_id, event_type, time, payload)
+                 VALUES (?, ?, 'bench.v1', ?, ?)",
+            )
+            .bind(seq as i64)
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(chrono::Utc::now().to_rfc3339())
+            .bind(&data)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+    }
+    let published_in = start.elapsed();
+    for first in (0..args.events).step_by(CEILING_BATCH as usize) {
+        let mut tx = db.begin().await?;
+        for seq in first..(first + CEILING_BATCH).min(args.events) {
+            sqlx::query("DELETE FROM rows WHERE seq = ?")
+                .bind(seq as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+    }
+    let elapsed = start.elapsed();
+    db.close().await;
     Ok(Rates {
         end_to_end: args.events as f64 / elapsed.as_secs_f64(),
         publish: args.events as f64 / published_in.as_secs_f64(),

@@ -19,4 +19,12 @@ fn the_bus_benchmark_gets_every_event_through_and_reports_a_rate() {
         report["herald"]["end_to_end_per_second"].as_f64().unwrap() > 0.0,
         "{report}"
     );
+    // The SQLite ceiling is measured in the same run, with its ratio.
+    assert_eq!(report["ceiling_is"], "raw SQLite");
+    let ceiling = report["ceiling"]["end_to_end_per_second"].as_f64();
+    assert!(ceiling.is_some_and(|c| c > 0.0), "{report}");
+    assert!(
+        report["ratio"].as_f64().is_some_and(|r| r > 0.0),
+        "{report}"
+    );
 }
