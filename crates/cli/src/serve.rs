@@ -13,7 +13,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::system::{
-    self, HttpArgs, MailArgs, MetricsArgs, Stopper, Store, StoreArgs,
+    self, CeleryArgs, HttpArgs, MailArgs, MetricsArgs, Stopper, Store,
+    StoreArgs,
 };
 
 #[derive(Debug, Subcommand)]
@@ -29,6 +30,8 @@ pub struct UsersArgs {
     #[command(flatten)]
     http: HttpArgs,
     #[command(flatten)]
+    celery: CeleryArgs,
+    #[command(flatten)]
     store: StoreArgs,
 }
 
@@ -40,6 +43,8 @@ pub struct MailerArgs {
     store: StoreArgs,
     #[command(flatten)]
     mail: MailArgs,
+    #[command(flatten)]
+    celery: CeleryArgs,
 }
 
 pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
@@ -51,7 +56,7 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
 
 async fn users(args: UsersArgs) -> anyhow::Result<()> {
     let (choice, database) = args.store.data.choices()?;
-    let welcome = args.http.welcome(&choice)?;
+    let welcome = args.http.welcome(&choice, &args.celery)?;
     let listener = system::listen(&args.http.listen).await?;
     let store = Store::open(&args.store, &database, &choice).await?;
     let bus = store.bus(&choice);
@@ -90,8 +95,14 @@ async fn mailer(args: MailerArgs) -> anyhow::Result<()> {
     ));
     let metrics = system::start_metrics(listener, &stopper)?;
     let mailer = Arc::new(mailer);
-    let celery =
-        system::start_celery(&args.mail, &mailer, &choice, grace, &stopper)?;
+    let celery = system::start_celery(
+        &args.mail,
+        &args.celery,
+        &mailer,
+        &choice,
+        grace,
+        &stopper,
+    )?;
     let mailer = system::start_mailer(
         mailer,
         subscription,

@@ -29,7 +29,7 @@ use mailer::{DEFAULT_FROM, Mailer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use users::celery::{CeleryRelay, Welcome};
+use users::celery::{CeleryRelay, Welcome, WelcomeRoute};
 use users::store::UserStore;
 
 use crate::telemetry;
@@ -114,19 +114,26 @@ pub enum WelcomeChoice {
 impl HttpArgs {
     /// The `--welcome` asked for, refused without RabbitMQ, before
     /// anything starts.
-    pub fn welcome(&self, choice: &BusChoice) -> anyhow::Result<Welcome> {
-        let welcome = match self.welcome {
-            WelcomeChoice::Event => Welcome::Event,
-            WelcomeChoice::Celery => Welcome::Celery,
-            WelcomeChoice::Both => Welcome::Both,
+    pub fn welcome(
+        &self,
+        choice: &BusChoice,
+        celery: &CeleryArgs,
+    ) -> anyhow::Result<WelcomeRoute> {
+        let (welcome, name) = match self.welcome {
+            WelcomeChoice::Event => (Welcome::Event, "event"),
+            WelcomeChoice::Celery => (Welcome::Celery, "celery"),
+            WelcomeChoice::Both => (Welcome::Both, "both"),
         };
         if welcome != Welcome::Event && matches!(choice, BusChoice::Embedded) {
             anyhow::bail!(
-                "--welcome celery needs RabbitMQ: give --broker amqp://..., \
-                 where the Python Celery worker takes its tasks"
+                "--welcome {name} needs RabbitMQ: give --broker amqp://..., \
+                 where the Celery worker takes its tasks"
             );
         }
-        Ok(welcome)
+        Ok(WelcomeRoute {
+            welcome,
+            queue: celery.celery_queue.clone(),
+        })
     }
 }
 
@@ -173,11 +180,18 @@ pub struct MailArgs {
     pub mail_from: String,
 
     /// Also run the Celery task tasks.send_welcome_email for Python
-    /// callers, from the `celery` queue (needs --broker amqp://...).
+    /// callers, from the queue --celery-queue names (needs --broker
+    /// amqp://...).
     #[arg(long, env = "HERALD_CELERY")]
     pub celery: bool,
+}
 
-    /// The Celery queue --celery consumes, declared as Celery declares it.
+/// Where the welcome email's Celery task travels.
+#[derive(Debug, Args)]
+pub struct CeleryArgs {
+    /// The Celery queue of tasks.send_welcome_email: the one the mailer's
+    /// --celery consumes, and the users service's --welcome celery sends
+    /// to. Declared as Celery declares it.
     #[arg(long, env = "HERALD_CELERY_QUEUE", default_value = "celery")]
     pub celery_queue: String,
 }
@@ -481,6 +495,7 @@ pub fn check_celery(args: &MailArgs, choice: &BusChoice) -> anyhow::Result<()> {
 /// queue of the RabbitMQ in `choice`.
 pub fn start_celery(
     args: &MailArgs,
+    queue: &CeleryArgs,
     mailer: &Arc<Mailer>,
     choice: &BusChoice,
     grace: Duration,
@@ -493,9 +508,12 @@ pub fn start_celery(
     let BusChoice::Amqp(url) = choice else {
         unreachable!("checked: --celery runs on RabbitMQ");
     };
+    // The same patience with a mail server as for events.
+    let retry = mailer::subscription(WorkerOptions::default()).options.retry;
     let options = herald::celery::CeleryOptions {
         service: mailer::SERVICE,
-        queue: args.celery_queue.clone(),
+        queue: queue.celery_queue.clone(),
+        retry,
         shutdown_grace: grace,
         ..herald::celery::CeleryOptions::default()
     };
@@ -581,7 +599,7 @@ pub async fn start_users(
     store: &Store,
     bus: &Arc<dyn Broker>,
     choice: &BusChoice,
-    welcome: Welcome,
+    welcome: WelcomeRoute,
     listener: TcpListener,
     grace: Duration,
     stopper: &Stopper,
@@ -590,16 +608,16 @@ pub async fn start_users(
     // Welcome emails asked of a Python Celery worker go out through the
     // same relay as events.
     let relay_target: Arc<dyn Broker> = match choice {
-        BusChoice::Amqp(url) if welcome != Welcome::Event => {
+        BusChoice::Amqp(url) if welcome.welcome != Welcome::Event => {
+            let and_event = match welcome.welcome {
+                Welcome::Both => ", and the event",
+                _ => "",
+            };
             say(&format!(
-                "welcome  {} to queue celery on {}{}",
+                "welcome  {} to queue {} on {}{and_event}",
                 users::celery::WELCOME_TASK,
+                welcome.queue,
                 choice.describe(),
-                if welcome == Welcome::Both {
-                    ", and the event"
-                } else {
-                    ""
-                }
             ));
             Arc::new(CeleryRelay::new(bus.clone(), url, welcome))
         }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::system::{self, HttpArgs, MailArgs, Stopper, Store, StoreArgs};
+use crate::system::{
+    self, CeleryArgs, HttpArgs, MailArgs, Stopper, Store, StoreArgs,
+};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -17,12 +19,14 @@ pub struct UpArgs {
     store: StoreArgs,
     #[command(flatten)]
     mail: MailArgs,
+    #[command(flatten)]
+    celery: CeleryArgs,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Check every flag and take the port before writing anything.
     let (choice, database) = args.store.data.choices()?;
-    let welcome = args.http.welcome(&choice)?;
+    let welcome = args.http.welcome(&choice, &args.celery)?;
     system::check_celery(&args.mail, &choice)?;
     let listener = system::listen(&args.http.listen).await?;
     let (from, transport) =
@@ -41,9 +45,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
     let mailer = Arc::new(mailer);
-    if let Some(celery) =
-        system::start_celery(&args.mail, &mailer, &choice, grace, &stopper)?
-    {
+    if let Some(celery) = system::start_celery(
+        &args.mail,
+        &args.celery,
+        &mailer,
+        &choice,
+        grace,
+        &stopper,
+    )? {
         tasks.push(celery);
     }
     tasks.push(system::start_mailer(

@@ -700,7 +700,7 @@ pub(crate) async fn run_guarded<T>(
 }
 
 /// Polls `future`, turning a panic inside it into an error.
-async fn futures_catch_unwind<F: Future>(
+pub(crate) async fn futures_catch_unwind<F: Future>(
     future: std::panic::AssertUnwindSafe<F>,
 ) -> Result<F::Output, Box<dyn std::any::Any + Send>> {
     let mut future = std::pin::pin!(future.0);
@@ -718,7 +718,7 @@ async fn futures_catch_unwind<F: Future>(
     .await
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(text) = panic.downcast_ref::<&str>() {
         (*text).to_owned()
     } else if let Some(text) = panic.downcast_ref::<String>() {

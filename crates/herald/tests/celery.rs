@@ -99,14 +99,14 @@ impl herald::celery::Task for Flaky {
         call: &'a herald::celery::Call,
     ) -> herald::broker::BoxFuture<
         'a,
-        Result<serde_json::Value, herald::HandlerError>,
+        Result<serde_json::Value, herald::celery::TaskError>,
     > {
         Box::pin(async move {
             let retries = call.message.retries;
             self.seen.lock().unwrap().push(retries);
             tokio::time::sleep(self.nap).await;
             if retries < 2 {
-                return Err(herald::HandlerError::transient("not yet"));
+                return Err(herald::HandlerError::transient("not yet").into());
             }
             Ok(json!({ "retries": retries }))
         })
@@ -210,5 +210,47 @@ async fn a_task_that_expires_before_its_eta_is_revoked_and_not_run() {
 
     assert_eq!(client.result(&id, WAIT).await, Some(Outcome::Revoked));
     assert!(flaky.seen.lock().unwrap().is_empty());
+    client.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
+async fn a_task_waiting_for_its_eta_holds_no_worker_slot() {
+    let vhost = TestVhost::create().unwrap();
+    let flaky = std::sync::Arc::new(Flaky {
+        seen: Default::default(),
+        nap: Duration::ZERO,
+    });
+    // One slot: a task held until its eta would block the next.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = herald::celery::CeleryOptions {
+        concurrency: 1,
+        ..herald::celery::CeleryOptions::default()
+    };
+    let url = vhost.url().to_owned();
+    let task: std::sync::Arc<dyn herald::celery::Task> = flaky.clone();
+    tokio::spawn(async move {
+        herald::celery::serve(&url, vec![task], options, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+
+    let later = Send::task("tests.flaky", vec![], Map::new())
+        .countdown(Duration::from_secs(20));
+    client.send(later).await.unwrap();
+    let started = std::time::Instant::now();
+    let id = client
+        .send(Send::task("tests.flaky", vec![], Map::new()))
+        .await
+        .unwrap();
+
+    // The immediate task fails twice and succeeds on its third attempt,
+    // all well before the first one's eta.
+    let outcome = client.result(&id, WAIT).await;
+    assert!(matches!(outcome, Some(Outcome::Success(_))), "{outcome:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    drop(stop);
     client.close().await;
 }

@@ -103,6 +103,14 @@ pub fn subscription(options: WorkerOptions) -> Subscription {
     }
 }
 
+/// Whether a welcome email went out on this request or before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Now,
+    /// An earlier request with the same id sent it: not sent again.
+    Before,
+}
+
 /// Sends welcome emails; the bus's handler for `user.registered.v1`.
 #[derive(Debug)]
 pub struct Mailer {
@@ -138,6 +146,7 @@ impl Mailer {
             .map_err(|e| HandlerError::permanent(e.to_string()))?;
         self.send_welcome(envelope.id, envelope.time.into(), &event)
             .await
+            .map(drop)
     }
 
     /// Sends the welcome email for `event`, once for `id` however often it
@@ -148,7 +157,7 @@ impl Mailer {
         id: Uuid,
         time: SystemTime,
         event: &UserRegistered,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<Sent, HandlerError> {
         let name = file_name(id);
         let message = welcome_message(&self.from, event, id, time)?;
 
@@ -158,7 +167,7 @@ impl Mailer {
             Claim::Owned | Claim::TakenOver => {}
             Claim::Sent => {
                 tracing::info!("welcome email already sent; skipping");
-                return Ok(());
+                return Ok(Sent::Before);
             }
             Claim::Busy(wait) => {
                 return Err(HandlerError::Transient {
@@ -203,7 +212,7 @@ impl Mailer {
         }
         tracing::info!("welcome email sent");
         self.mark_sent(id).await;
-        Ok(())
+        Ok(Sent::Now)
     }
 
     /// Claims `event_id` for sending. Each step is one statement, atomic

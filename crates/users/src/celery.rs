@@ -21,6 +21,15 @@ use serde_json::{Map, json};
 /// The task's registered name in the Python service.
 pub const WELCOME_TASK: &str = "tasks.send_welcome_email";
 
+/// How a registration asks for its welcome email, and where a Celery task
+/// for it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WelcomeRoute {
+    pub welcome: Welcome,
+    /// The Celery queue of the task (Celery's default is `celery`).
+    pub queue: String,
+}
+
 /// How a registration asks for its welcome email.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Welcome {
@@ -36,7 +45,7 @@ pub enum Welcome {
 pub struct CeleryRelay {
     events: Arc<dyn Broker>,
     url: String,
-    welcome: Welcome,
+    route: WelcomeRoute,
     /// The connection tasks are sent on, made on first use and again
     /// after a failure.
     client: tokio::sync::Mutex<Option<CeleryClient>>,
@@ -45,19 +54,23 @@ pub struct CeleryRelay {
 impl std::fmt::Debug for CeleryRelay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CeleryRelay")
-            .field("welcome", &self.welcome)
+            .field("route", &self.route)
             .finish()
     }
 }
 
 impl CeleryRelay {
     /// Sends welcome tasks to the RabbitMQ at `url`, and events to
-    /// `events` when `welcome` asks for them.
-    pub fn new(events: Arc<dyn Broker>, url: &str, welcome: Welcome) -> Self {
+    /// `events` when `route` asks for them.
+    pub fn new(
+        events: Arc<dyn Broker>,
+        url: &str,
+        route: WelcomeRoute,
+    ) -> Self {
         CeleryRelay {
             events,
             url: url.to_owned(),
-            welcome,
+            route,
             client: tokio::sync::Mutex::new(None),
         }
     }
@@ -67,10 +80,11 @@ impl CeleryRelay {
         envelope: &Envelope,
     ) -> Result<(), BusError> {
         let is_registration = envelope.event_type == UserRegistered::TYPE;
-        if is_registration && self.welcome != Welcome::Event {
+        let welcome = self.route.welcome;
+        if is_registration && welcome != Welcome::Event {
             self.send_task(envelope).await?;
         }
-        if !is_registration || self.welcome != Welcome::Celery {
+        if !is_registration || welcome != Welcome::Celery {
             self.events.publish(envelope).await?;
         }
         Ok(())
@@ -87,6 +101,7 @@ impl CeleryRelay {
         let args = vec![json!(event.user_id), json!(event.user_name)];
         let mut task =
             Send::task(WELCOME_TASK, args, kwargs).id(envelope.id.to_string());
+        task = task.queue(self.route.queue.as_str());
         if let Some(trace) = envelope.traceparent {
             task = task.traceparent(trace);
         }

@@ -145,9 +145,11 @@ impl Task {
             name,
             args,
             kwargs,
+            // A count that is negative or absurd is read as none.
             retries: header("retries")
                 .and_then(number)
-                .map_or(0, |n| u32::try_from(n as i64).unwrap_or(u32::MAX)),
+                .filter(|n| (0.0..=f64::from(u32::MAX)).contains(n))
+                .map_or(0, |n| n as u32),
             eta: time_header(header("eta"), "eta")?,
             expires: time_header(header("expires"), "expires")?,
             time_limit,
@@ -168,6 +170,35 @@ impl Task {
                 .and_then(text)
                 .and_then(|t| TraceContext::parse(&t)),
         })
+    }
+}
+
+/// Where the result of a message goes, read even from a message that is
+/// not a task herald can run, so that its caller hears why: the task id
+/// (its `id` header, else its correlation id) and the reply queue.
+pub fn reply_address(properties: &BasicProperties) -> Option<(String, String)> {
+    let id = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("id"))
+        .and_then(text)
+        .or_else(|| {
+            properties.correlation_id().as_ref().map(|c| c.to_string())
+        })?;
+    let reply_to = properties.reply_to().as_ref()?.to_string();
+    (!reply_to.is_empty()).then_some((id, reply_to))
+}
+
+impl Refusal {
+    /// The Python exception a caller's `AsyncResult.get()` raises for
+    /// this refusal: its module and type.
+    pub fn python_exception(&self) -> (&'static str, &'static str) {
+        match self {
+            Refusal::ContentType(_) | Refusal::Encoding(_) => {
+                ("kombu.exceptions", "ContentDisallowed")
+            }
+            _ => ("builtins", "ValueError"),
+        }
     }
 }
 
@@ -215,7 +246,12 @@ fn time_limits(
         return Err(Refusal::Malformed("timelimit is not a list".into()));
     };
     let items = items.as_slice();
-    let limit = |i: usize| items.get(i).and_then(number).filter(|s| *s > 0.0);
+    let limit = |i: usize| {
+        items
+            .get(i)
+            .and_then(number)
+            .filter(|s| *s > 0.0 && s.is_finite())
+    };
     Ok((limit(0), limit(1)))
 }
 
@@ -612,6 +648,35 @@ mod tests {
                 "{malformed:?}"
             );
         }
+    }
+
+    #[test]
+    fn absurd_retries_and_time_limits_are_read_as_none() {
+        let mut headers = task_headers();
+        headers.insert("retries".into(), AMQPValue::LongInt(-1));
+        let limits = FieldArray::from(vec![
+            AMQPValue::Double(f64::INFINITY),
+            AMQPValue::Double(-3.0),
+        ]);
+        headers.insert("timelimit".into(), AMQPValue::FieldArray(limits));
+        let properties = BasicProperties::default().with_headers(headers);
+        let task = Task::decode(&properties, b"[[], {}, null]").unwrap();
+        assert_eq!(task.retries, 0);
+        assert_eq!((task.time_limit, task.soft_time_limit), (None, None));
+    }
+
+    #[test]
+    fn a_refused_message_still_says_where_its_result_goes() {
+        let properties = BasicProperties::default()
+            .with_correlation_id("abc".into())
+            .with_reply_to("reply-queue".into());
+        assert_eq!(
+            reply_address(&properties),
+            Some(("abc".to_owned(), "reply-queue".to_owned()))
+        );
+        let no_reply =
+            BasicProperties::default().with_correlation_id("abc".into());
+        assert_eq!(reply_address(&no_reply), None);
     }
 
     #[test]

@@ -21,4 +21,4 @@ pub mod worker;
 pub use client::{CeleryClient, Send};
 pub use message::{Outgoing, Refusal, Task as TaskMessage};
 pub use result::Outcome;
-pub use worker::{Call, CeleryOptions, Task, serve};
+pub use worker::{Call, CeleryOptions, Task, TaskError, serve};

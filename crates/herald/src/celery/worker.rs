@@ -17,10 +17,12 @@
 //!   never looped.
 //! - Past its `expires`: `REVOKED` to the caller, not run.
 //!
-//! A task with an `eta` is held, unacknowledged, until its time, as
-//! Celery's own worker does; RabbitMQ's consumer timeout (30 min by
-//! default) bounds how far ahead that may be. The `timelimit` header's
-//! limits, when shorter than the worker's own, bound the run.
+//! A task with an `eta` more than a second away waits in a delay queue
+//! (`<queue>.delay.<N>s`, the longest of 1 s, 2 s, 4 s ... 1 h that ends
+//! before its time), which hands it back to the queue when its time to
+//! live runs out; so waiting tasks hold no worker slot and no
+//! unacknowledged message. Retries wait the same way. The `timelimit`
+//! header's limits, when shorter than the worker's own, bound the run.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,8 +50,8 @@ use tracing::field::Empty;
 use super::message;
 use super::result::Outcome;
 use crate::broker::BoxFuture;
-use crate::broker::amqp::within;
-use crate::metrics::{self, Outcome as Recorded};
+use crate::broker::amqp::{RETRY_TIERS, within};
+use crate::metrics::{self, Outcome as Settled};
 use crate::worker::{HandlerError, RetryPolicy, shorten};
 use crate::{BusError, trace};
 
@@ -65,7 +67,44 @@ pub trait Task: Send + Sync + 'static {
     fn run<'a>(
         &'a self,
         call: &'a Call,
-    ) -> BoxFuture<'a, Result<Value, HandlerError>>;
+    ) -> BoxFuture<'a, Result<Value, TaskError>>;
+}
+
+/// Why a task failed: whether to retry it, and the Python exception its
+/// caller's `AsyncResult.get()` raises when it fails for good.
+#[derive(Debug)]
+pub struct TaskError {
+    pub error: HandlerError,
+    /// A built-in exception type: `Exception`, `ValueError`, `TypeError`.
+    pub python_type: &'static str,
+}
+
+impl TaskError {
+    /// A permanent failure raised as `ValueError` (a bad argument value).
+    pub fn value_error(reason: impl Into<String>) -> Self {
+        TaskError {
+            error: HandlerError::permanent(reason),
+            python_type: "ValueError",
+        }
+    }
+
+    /// A permanent failure raised as `TypeError` (a call that does not fit
+    /// the task's signature).
+    pub fn type_error(reason: impl Into<String>) -> Self {
+        TaskError {
+            error: HandlerError::permanent(reason),
+            python_type: "TypeError",
+        }
+    }
+}
+
+impl From<HandlerError> for TaskError {
+    fn from(error: HandlerError) -> Self {
+        TaskError {
+            error,
+            python_type: "Exception",
+        }
+    }
 }
 
 /// One call of a task, as its message asked for it.
@@ -77,15 +116,27 @@ pub struct Call {
 impl Call {
     /// The call's arguments as `T`. Positional arguments take the names
     /// in `params`, in order; keyword arguments keep theirs. Too many
-    /// positional arguments, or one given both ways, fail the call for
-    /// good, as Python's would.
+    /// positional arguments, an unknown keyword, or an argument given
+    /// both ways fail the call for good with a `TypeError`, as Python's
+    /// would.
     pub fn arguments<T: DeserializeOwned>(
         &self,
         params: &[&str],
-    ) -> Result<T, HandlerError> {
+    ) -> Result<T, TaskError> {
         let message = &self.message;
+        if let Some(unknown) = message
+            .kwargs
+            .keys()
+            .find(|k| !params.contains(&k.as_str()))
+        {
+            return Err(TaskError::type_error(format!(
+                "{} got an unexpected keyword argument {:?}",
+                message.name,
+                shorten(unknown)
+            )));
+        }
         if message.args.len() > params.len() {
-            return Err(HandlerError::permanent(format!(
+            return Err(TaskError::type_error(format!(
                 "{} takes at most {} positional arguments ({}), {} given",
                 message.name,
                 params.len(),
@@ -99,14 +150,14 @@ impl Call {
         }
         for (name, value) in &message.kwargs {
             if named.insert(name.clone(), value.clone()).is_some() {
-                return Err(HandlerError::permanent(format!(
+                return Err(TaskError::type_error(format!(
                     "{} got multiple values for argument {name:?}",
                     message.name
                 )));
             }
         }
         serde_json::from_value(Value::Object(named)).map_err(|error| {
-            HandlerError::permanent(format!(
+            TaskError::type_error(format!(
                 "bad arguments for {}: {error}",
                 message.name
             ))
@@ -230,6 +281,7 @@ impl Session {
             ),
         )
         .await?;
+        declare_delay_queues(&consuming, &options.queue, limit).await?;
         let prefetch = options.concurrency.clamp(1, 65_535) as u16;
         within(
             limit,
@@ -291,7 +343,7 @@ impl Session {
                 options: options.clone(),
             };
             running.spawn(async move {
-                handling.handle(delivery).await;
+                handling.handle_guarded(delivery).await;
                 drop(permit);
             });
             while running.try_join_next().is_some() {}
@@ -374,7 +426,30 @@ struct Handling {
 }
 
 impl Handling {
-    async fn handle(&self, delivery: AmqpDelivery) {
+    /// Handles `delivery`; should herald itself fail on it (a panic), the
+    /// message is dead-lettered with that reason rather than left
+    /// unacknowledged, to come back and fail again forever.
+    async fn handle_guarded(&self, delivery: AmqpDelivery) {
+        let handled = crate::worker::futures_catch_unwind(
+            std::panic::AssertUnwindSafe(self.handle(&delivery)),
+        )
+        .await;
+        if let Err(panic) = handled {
+            let reason = format!(
+                "herald failed while handling it: {}",
+                crate::worker::panic_message(&panic)
+            );
+            tracing::error!(reason = reason.as_str(), "dead-lettering");
+            if let Err(error) = self.dead_letter(&delivery, &reason, 1).await {
+                tracing::warn!(
+                    error = %crate::error_chain(&error),
+                    "could not dead-letter it; RabbitMQ keeps it"
+                );
+            }
+        }
+    }
+
+    async fn handle(&self, delivery: &AmqpDelivery) {
         let service = self.options.service;
         let span = tracing::info_span!(
             "handle",
@@ -409,8 +484,14 @@ impl Handling {
                 task.as_ref().map_or(metrics::UNKNOWN_TYPE, |t| t.0);
             let settled = match (decoded, task) {
                 (Err(refusal), _) => {
+                    let (module, kind) = refusal.python_exception();
                     let reason = refusal.to_string();
-                    self.refuse(&delivery, None, &reason).await
+                    let failure = Outcome::Failure {
+                        module: module.to_owned(),
+                        kind: kind.to_owned(),
+                        message: reason.clone(),
+                    };
+                    self.refuse(delivery, failure, &reason).await
                 }
                 (Ok(message), None) => {
                     let reason = format!(
@@ -418,23 +499,31 @@ impl Handling {
                         shorten(&message.name),
                         self.known_names()
                     );
-                    self.refuse(&delivery, Some(&message), &reason).await
+                    // As Celery's own worker answers an unknown task.
+                    let failure = Outcome::Failure {
+                        module: "celery.exceptions".to_owned(),
+                        kind: "NotRegistered".to_owned(),
+                        message: reason.clone(),
+                    };
+                    self.refuse(delivery, failure, &reason).await
                 }
                 (Ok(message), Some((name, task))) => {
-                    self.run(&delivery, message, name, task).await
+                    self.run(delivery, message, name, task).await
                 }
             };
             match settled {
-                Ok(outcome) => {
-                    if outcome != Recorded::Success {
-                        if outcome == Recorded::DeadLettered {
-                            metrics::dead_lettered(
-                                &self.options.queue,
-                                type_label,
-                            );
-                        } else {
-                            metrics::retried(&self.options.queue, type_label);
+                // Waiting for its time, or expired: nothing was run.
+                Ok(Recorded::Deferred | Recorded::Revoked) => {}
+                Ok(Recorded::Settled(outcome)) => {
+                    let queue = self.options.queue.as_str();
+                    match outcome {
+                        Recorded::DEAD_LETTERED => {
+                            metrics::dead_lettered(queue, type_label)
                         }
+                        Recorded::RETRIED => {
+                            metrics::retried(queue, type_label)
+                        }
+                        _ => {}
                     }
                     metrics::handled(service, type_label, outcome, None);
                 }
@@ -471,98 +560,103 @@ impl Handling {
         name: &'static str,
         task: Arc<dyn Task>,
     ) -> Result<Recorded, BusError> {
+        // Not due yet: wait in a delay queue, holding no slot. The last
+        // second is waited here.
         if let Some(eta) = message.eta {
             let wait = (eta - Utc::now()).to_std().unwrap_or_default();
-            if !wait.is_zero() {
-                tracing::debug!(
-                    wait_ms = wait.as_millis() as u64,
-                    "holding until its eta"
-                );
-                tokio::time::sleep(wait).await;
+            if wait >= Duration::from_secs(1) {
+                self.defer(delivery, &delivery.properties, wait).await?;
+                self.ack(delivery).await?;
+                return Ok(Recorded::Deferred);
             }
+            tokio::time::sleep(wait).await;
         }
-
         // Expiry is judged when the task is due, as Celery does.
         if message.expires.is_some_and(|expires| expires <= Utc::now()) {
             tracing::info!("the task expired before it could run; revoked");
             self.reply(&message, Outcome::Revoked).await?;
             self.ack(delivery).await?;
-            return Ok(Recorded::Success);
+            return Ok(Recorded::Revoked);
         }
+
         let limit = [message.time_limit, message.soft_time_limit]
             .into_iter()
             .flatten()
-            .filter(|s| s.is_finite())
-            .map(Duration::from_secs_f64)
+            .filter_map(|s| Duration::try_from_secs_f64(s).ok())
             .fold(self.options.time_limit, Duration::min);
         let call = Call { message };
         let started = std::time::Instant::now();
-        let outcome = crate::worker::run_guarded(task.run(&call), limit).await;
+        let run = async { Ok(task.run(&call).await) };
+        let outcome = match crate::worker::run_guarded(run, limit).await {
+            Ok(outcome) => outcome,
+            Err(timed_out_or_panicked) => Err(timed_out_or_panicked.into()),
+        };
         metrics::handler_ran(self.options.service, name, started.elapsed());
         let message = call.message;
 
-        match outcome {
+        let error = match outcome {
             Ok(value) => {
                 tracing::info!("task succeeded");
                 self.reply(&message, Outcome::Success(value)).await?;
                 self.ack(delivery).await?;
-                Ok(Recorded::Success)
+                return Ok(Recorded::Settled(Recorded::SUCCESS));
             }
-            Err(HandlerError::Transient {
-                reason,
-                retry_after,
-            }) if message.retries + 1 < self.options.retry.max_attempts => {
-                let attempt = message.retries + 1;
-                let delay = retry_after
-                    .unwrap_or_else(|| self.options.retry.backoff(attempt));
-                self.retry_later(delivery, &message, delay).await?;
-                tracing::info!(
-                    reason,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "task failed; will retry"
-                );
-                self.ack(delivery).await?;
-                Ok(Recorded::Retried)
-            }
-            Err(error) => {
-                let attempts = message.retries + 1;
-                let reason = match &error {
-                    HandlerError::Permanent { reason } => reason.clone(),
-                    HandlerError::Transient { reason, .. } => {
-                        format!("gave up after {attempts} attempts: {reason}")
-                    }
-                };
-                tracing::warn!(
-                    reason = reason.as_str(),
-                    "task failed; dead-lettered"
-                );
-                let failure = Outcome::failure(error.to_string());
-                self.reply(&message, failure).await?;
-                self.dead_letter(delivery, &reason, attempts).await?;
-                Ok(Recorded::DeadLettered)
-            }
+            Err(error) => error,
+        };
+        let attempts = message.retries.saturating_add(1);
+        if let HandlerError::Transient {
+            reason,
+            retry_after,
+        } = &error.error
+            && attempts < self.options.retry.max_attempts
+        {
+            let delay = retry_after
+                .unwrap_or_else(|| self.options.retry.backoff(attempts));
+            self.retry_later(delivery, &message, delay).await?;
+            tracing::info!(
+                reason = reason.as_str(),
+                retry_in_ms = delay.as_millis() as u64,
+                "task failed; will retry"
+            );
+            self.ack(delivery).await?;
+            return Ok(Recorded::Settled(Recorded::RETRIED));
         }
+
+        let reason = match &error.error {
+            HandlerError::Permanent { reason } => reason.clone(),
+            HandlerError::Transient { reason, .. } => {
+                format!("gave up after {attempts} attempts: {reason}")
+            }
+        };
+        tracing::warn!(reason = reason.as_str(), "task failed; dead-lettered");
+        let failure = Outcome::Failure {
+            module: "builtins".to_owned(),
+            kind: error.python_type.to_owned(),
+            message: error.error.to_string(),
+        };
+        self.reply(&message, failure).await?;
+        self.dead_letter(delivery, &reason, attempts).await?;
+        Ok(Recorded::Settled(Recorded::DEAD_LETTERED))
     }
 
-    /// Sets aside a message no task here can run, telling its caller.
+    /// Sets aside a message no task here can run, telling its caller
+    /// `failure` when it asked for a result.
     async fn refuse(
         &self,
         delivery: &AmqpDelivery,
-        message: Option<&message::Task>,
+        failure: Outcome,
         reason: &str,
     ) -> Result<Recorded, BusError> {
         tracing::warn!(reason, "task message refused; dead-lettered");
-        if let Some(message) = message {
-            // As Celery's own worker answers an unknown task.
-            let failure = Outcome::Failure {
-                module: "celery.exceptions".to_owned(),
-                kind: "NotRegistered".to_owned(),
-                message: reason.to_owned(),
-            };
-            self.reply(message, failure).await?;
+        if let Some((id, reply_to)) =
+            message::reply_address(&delivery.properties)
+        {
+            let (properties, body) = failure.reply(&id);
+            self.publish("", &reply_to, properties, &body, false)
+                .await?;
         }
         self.dead_letter(delivery, reason, 1).await?;
-        Ok(Recorded::DeadLettered)
+        Ok(Recorded::Settled(Recorded::DEAD_LETTERED))
     }
 
     /// Publishes the outcome to the caller's reply queue, when it asked.
@@ -585,7 +679,8 @@ impl Handling {
     }
 
     /// Publishes the message again with `retries` one higher and an `eta`
-    /// `delay` from now, as Celery's `Task.retry` does.
+    /// `delay` from now, as Celery's `Task.retry` does, to wait its turn
+    /// in a delay queue.
     async fn retry_later(
         &self,
         delivery: &AmqpDelivery,
@@ -593,13 +688,9 @@ impl Handling {
         delay: Duration,
     ) -> Result<(), BusError> {
         let eta = Utc::now() + delay;
+        let retries = message.retries.saturating_add(1).min(i32::MAX as u32);
         let mut headers = headers_of(&delivery.properties);
-        headers.insert(
-            "retries".into(),
-            AMQPValue::LongInt(
-                (message.retries + 1).min(i32::MAX as u32) as i32
-            ),
-        );
+        headers.insert("retries".into(), AMQPValue::LongInt(retries as i32));
         headers.insert(
             "eta".into(),
             AMQPValue::LongString(
@@ -608,8 +699,24 @@ impl Handling {
             ),
         );
         let properties = delivery.properties.clone().with_headers(headers);
-        let queue = self.options.queue.as_str();
-        self.publish("", queue, properties, &delivery.data, true)
+        self.defer(delivery, &properties, delay).await
+    }
+
+    /// Publishes the message, with `properties`, to the delay queue that
+    /// hands it back to the queue no later than `wait` from now; a wait
+    /// under a second goes straight back.
+    async fn defer(
+        &self,
+        delivery: &AmqpDelivery,
+        properties: &BasicProperties,
+        wait: Duration,
+    ) -> Result<(), BusError> {
+        let target = match delay_tier(wait) {
+            Some(seconds) => delay_queue(&self.options.queue, seconds),
+            None => self.options.queue.clone(),
+        };
+        let properties = properties.clone();
+        self.publish("", &target, properties, &delivery.data, true)
             .await
     }
 
@@ -629,10 +736,17 @@ impl Handling {
             crate::broker::amqp::ATTEMPTS.into(),
             AMQPValue::LongUInt(attempts),
         );
+        let now = crate::sqlite::now_millis();
         headers.insert(
             crate::broker::amqp::DEAD_AT.into(),
-            AMQPValue::LongLongInt(crate::sqlite::now_millis()),
+            AMQPValue::LongLongInt(now),
         );
+        if !headers.contains_key(crate::broker::amqp::FIRST_FAILED) {
+            headers.insert(
+                crate::broker::amqp::FIRST_FAILED.into(),
+                AMQPValue::LongLongInt(now),
+            );
+        }
         let properties = delivery.properties.clone().with_headers(headers);
         let dead = format!("{}.dead", self.options.queue);
         self.publish("", &dead, properties, &delivery.data, true)
@@ -684,6 +798,75 @@ impl Handling {
         .await
         .map(drop)
     }
+}
+
+/// What became of a task message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// Run, retried or set aside, as metrics count it.
+    Settled(Settled),
+    /// Not due yet: waiting in a delay queue.
+    Deferred,
+    /// Expired before it was due: not run.
+    Revoked,
+}
+
+impl Recorded {
+    const SUCCESS: Settled = Settled::Success;
+    const RETRIED: Settled = Settled::Retried;
+    const DEAD_LETTERED: Settled = Settled::DeadLettered;
+}
+
+/// The delay queue of `queue` whose messages wait `seconds`.
+fn delay_queue(queue: &str, seconds: u64) -> String {
+    format!("{queue}.delay.{seconds}s")
+}
+
+/// The longest delay tier that ends no later than `wait` from now; `None`
+/// when even the shortest would.
+fn delay_tier(wait: Duration) -> Option<u64> {
+    RETRY_TIERS
+        .iter()
+        .rev()
+        .copied()
+        .find(|seconds| Duration::from_secs(*seconds) <= wait)
+}
+
+/// Declares the delay queues of `queue`: each holds its messages for its
+/// time, then dead-letters them back to `queue` through the default
+/// exchange.
+async fn declare_delay_queues(
+    channel: &Channel,
+    queue: &str,
+    limit: Duration,
+) -> Result<(), BusError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for seconds in RETRY_TIERS {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(seconds as i64 * 1000),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.into()),
+        );
+        let name = delay_queue(queue, seconds);
+        within(
+            limit,
+            "declare a delay queue",
+            channel.queue_declare(name.as_str().into(), durable, arguments),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// The message's application headers, to copy with changes.

@@ -68,7 +68,7 @@ pub const EXCHANGE: &str = "herald.events";
 /// Delay tiers of the retry queues, in seconds: doubling, so that any
 /// wait up to the longest is kept within a factor of 1.5, and the
 /// jitter of a backoff survives.
-const RETRY_TIERS: [u64; 13] =
+pub(crate) const RETRY_TIERS: [u64; 13] =
     [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600];
 
 /// The tier nearest to `delay`, compared on a log scale: the longest tier
@@ -86,7 +86,7 @@ fn retry_tier(delay: Duration) -> u64 {
 pub(crate) const ATTEMPTS: &str = "x-herald-attempts";
 pub(crate) const REASON: &str = "x-herald-reason";
 /// When the message first failed, and when it was dead-lettered (Unix ms).
-const FIRST_FAILED: &str = "x-herald-first-failed-at";
+pub(crate) const FIRST_FAILED: &str = "x-herald-first-failed-at";
 pub(crate) const DEAD_AT: &str = "x-herald-dead-at";
 const SUBJECT: &str = "ce-subject";
 const TIME: &str = "ce-time";
