@@ -517,12 +517,10 @@ impl Handling {
                 Ok(Recorded::Settled(outcome)) => {
                     let queue = self.options.queue.as_str();
                     match outcome {
-                        Recorded::DEAD_LETTERED => {
+                        Settled::DeadLettered => {
                             metrics::dead_lettered(queue, type_label)
                         }
-                        Recorded::RETRIED => {
-                            metrics::retried(queue, type_label)
-                        }
+                        Settled::Retried => metrics::retried(queue, type_label),
                         _ => {}
                     }
                     metrics::handled(service, type_label, outcome, None);
@@ -599,7 +597,7 @@ impl Handling {
                 tracing::info!("task succeeded");
                 self.reply(&message, Outcome::Success(value)).await?;
                 self.ack(delivery).await?;
-                return Ok(Recorded::Settled(Recorded::SUCCESS));
+                return Ok(Recorded::Settled(Settled::Success));
             }
             Err(error) => error,
         };
@@ -619,7 +617,7 @@ impl Handling {
                 "task failed; will retry"
             );
             self.ack(delivery).await?;
-            return Ok(Recorded::Settled(Recorded::RETRIED));
+            return Ok(Recorded::Settled(Settled::Retried));
         }
 
         let reason = match &error.error {
@@ -636,7 +634,7 @@ impl Handling {
         };
         self.reply(&message, failure).await?;
         self.dead_letter(delivery, &reason, attempts).await?;
-        Ok(Recorded::Settled(Recorded::DEAD_LETTERED))
+        Ok(Recorded::Settled(Settled::DeadLettered))
     }
 
     /// Sets aside a message no task here can run, telling its caller
@@ -656,7 +654,7 @@ impl Handling {
                 .await?;
         }
         self.dead_letter(delivery, reason, 1).await?;
-        Ok(Recorded::Settled(Recorded::DEAD_LETTERED))
+        Ok(Recorded::Settled(Settled::DeadLettered))
     }
 
     /// Publishes the outcome to the caller's reply queue, when it asked.
@@ -809,12 +807,6 @@ enum Recorded {
     Deferred,
     /// Expired before it was due: not run.
     Revoked,
-}
-
-impl Recorded {
-    const SUCCESS: Settled = Settled::Success;
-    const RETRIED: Settled = Settled::Retried;
-    const DEAD_LETTERED: Settled = Settled::DeadLettered;
 }
 
 /// The delay queue of `queue` whose messages wait `seconds`.
