@@ -148,33 +148,38 @@ pub async fn run(args: BusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    // One row per run, each against herald's own end-to-end rate.
+    let row = |name: &str, rates: &Rates| {
+        println!(
+            "{name:<32} {:>12.0} {:>12.0} {:>10.2}",
+            rates.end_to_end,
+            rates.publish,
+            rates.end_to_end / herald.end_to_end
+        );
+    };
     println!(
-        "herald:    {:>9.0} events/s end to end, {:>9.0}/s publishing",
-        herald.end_to_end, herald.publish
+        "{:<32} {:>12} {:>12} {:>10}",
+        "run", "events/s", "publish/s", "vs herald"
     );
+    row("herald", &herald);
     if let Some(bare) = &uninstrumented {
-        println!(
-            "herald without logs, spans and metrics: {:>9.0} events/s end \
-             to end, {:>9.0}/s publishing",
-            bare.end_to_end, bare.publish
-        );
-        println!(
-            "instrumented / uninstrumented: {:.2}",
-            herald.end_to_end / bare.end_to_end
-        );
+        row("herald, no logs/spans/metrics", bare);
     }
     if let Some(ceiling) = &ceiling {
         let name = match choice {
-            BusChoice::Embedded => "raw SQLite",
-            BusChoice::Amqp(_) => "raw lapin",
+            BusChoice::Embedded => "raw SQLite (ceiling)",
+            BusChoice::Amqp(_) => "raw lapin (ceiling)",
         };
+        row(name, ceiling);
         println!(
-            "{name}: {:>9.0} events/s end to end, {:>9.0}/s publishing",
-            ceiling.end_to_end, ceiling.publish
-        );
-        println!(
-            "herald / {name}: {:.2}",
+            "\nherald / ceiling: {:.2}",
             herald.end_to_end / ceiling.end_to_end
+        );
+    }
+    if let Some(bare) = &uninstrumented {
+        println!(
+            "instrumented / uninstrumented: {:.2}",
+            herald.end_to_end / bare.end_to_end
         );
     }
     Ok(())
