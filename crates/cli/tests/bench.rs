@@ -28,3 +28,22 @@ fn the_bus_benchmark_gets_every_event_through_and_reports_a_rate() {
         "{report}"
     );
 }
+
+#[test]
+fn bench_settings_that_cannot_run_are_refused_before_anything_starts() {
+    for (flag, value) in [
+        ("--events", "0"),
+        ("--size", "0"),
+        ("--size", "18446744073709551615"),
+        ("--publishers", "0"),
+        ("--concurrency", "0"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["bench", "bus", flag, value])
+            .output()
+            .expect("herald runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+}
