@@ -12,14 +12,36 @@ use testkit::celery::{CeleryWorker, TestVhost, WELCOME_TASK};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The Python service's unchanged Celery worker on a virtual host of its
+/// own, sending to an SMTP server, and a herald client on that host.
+struct PythonSide {
+    client: CeleryClient,
+    smtp: SmtpServer,
+    _worker: CeleryWorker,
+    _vhost: TestVhost,
+}
+
+impl PythonSide {
+    async fn start() -> PythonSide {
+        let vhost = TestVhost::create().unwrap();
+        let smtp = SmtpServer::start().unwrap();
+        let worker = CeleryWorker::start(vhost.url(), smtp.address()).unwrap();
+        let client = CeleryClient::connect(vhost.url()).await.unwrap();
+        PythonSide {
+            client,
+            smtp,
+            _worker: worker,
+            _vhost: vhost,
+        }
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs RabbitMQ and Python: set HERALD_TEST_AMQP_URL"]
 async fn a_task_herald_sends_is_run_by_the_python_worker_and_its_result_comes_back()
  {
-    let vhost = TestVhost::create().unwrap();
-    let smtp = SmtpServer::start().unwrap();
-    let _worker = CeleryWorker::start(vhost.url(), smtp.address()).unwrap();
-    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+    let python = PythonSide::start().await;
+    let (client, smtp) = (&python.client, &python.smtp);
 
     let args = vec![json!("hanmeimei@example.com"), json!("韩梅梅")];
     let sent = Send::task(WELCOME_TASK, args, Map::new());
@@ -39,10 +61,8 @@ async fn a_task_herald_sends_is_run_by_the_python_worker_and_its_result_comes_ba
 #[tokio::test]
 #[ignore = "needs RabbitMQ and Python: set HERALD_TEST_AMQP_URL"]
 async fn a_python_failure_reaches_herald_with_its_type_and_message() {
-    let vhost = TestVhost::create().unwrap();
-    let smtp = SmtpServer::start().unwrap();
-    let _worker = CeleryWorker::start(vhost.url(), smtp.address()).unwrap();
-    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+    let python = PythonSide::start().await;
+    let client = &python.client;
 
     let mut kwargs = Map::new();
     kwargs.insert("user_id".into(), json!("no-address"));
@@ -65,10 +85,8 @@ async fn a_python_failure_reaches_herald_with_its_type_and_message() {
 #[tokio::test]
 #[ignore = "needs RabbitMQ and Python: set HERALD_TEST_AMQP_URL"]
 async fn a_countdown_holds_the_task_until_its_time() {
-    let vhost = TestVhost::create().unwrap();
-    let smtp = SmtpServer::start().unwrap();
-    let _worker = CeleryWorker::start(vhost.url(), smtp.address()).unwrap();
-    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+    let python = PythonSide::start().await;
+    let client = &python.client;
 
     let args = vec![json!("later@example.com"), json!("Later")];
     let sent = Send::task(WELCOME_TASK, args, Map::new())

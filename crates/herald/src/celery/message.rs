@@ -419,7 +419,8 @@ fn origin() -> String {
 }
 
 /// JSON as Python's `json.dumps` writes it by default: `", "` between
-/// items, `": "` after keys, non-ASCII escaped as `\uXXXX`.
+/// items, `": "` after keys, non-ASCII escaped as `\u` and four hex
+/// digits.
 pub fn python_json(value: &Value) -> String {
     let mut out = String::new();
     write_python_json(value, &mut out);
