@@ -131,43 +131,61 @@ impl herald::celery::Task for Flaky {
     }
 }
 
-/// Runs `task` in a herald Celery worker on `url` until the returned
-/// sender is dropped or sent to.
-fn rust_worker(
-    url: &str,
+/// A herald Celery worker running [`Flaky`] on a virtual host of its own,
+/// retrying within a fraction of a second, and a client on that host. The
+/// worker stops when this is dropped.
+struct RustSide {
+    client: CeleryClient,
     task: std::sync::Arc<Flaky>,
-    max_attempts: u32,
-) -> tokio::sync::oneshot::Sender<()> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = herald::celery::CeleryOptions {
-        retry: herald::RetryPolicy {
-            max_attempts,
-            base: Duration::from_millis(50),
-            cap: Duration::from_millis(100),
-        },
-        ..herald::celery::CeleryOptions::default()
-    };
-    let url = url.to_owned();
-    tokio::spawn(async move {
-        let tasks: Vec<std::sync::Arc<dyn herald::celery::Task>> = vec![task];
-        herald::celery::serve(&url, tasks, options, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    stop
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _vhost: TestVhost,
+}
+
+impl RustSide {
+    async fn start(nap: Duration, max_attempts: u32, slots: usize) -> Self {
+        let vhost = TestVhost::create().unwrap();
+        let task = std::sync::Arc::new(Flaky {
+            seen: Default::default(),
+            nap,
+        });
+        let options = herald::celery::CeleryOptions {
+            concurrency: slots,
+            retry: herald::RetryPolicy {
+                max_attempts,
+                base: Duration::from_millis(50),
+                cap: Duration::from_millis(100),
+            },
+            ..herald::celery::CeleryOptions::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (url, running) = (vhost.url().to_owned(), task.clone());
+        tokio::spawn(async move {
+            let tasks: Vec<std::sync::Arc<dyn herald::celery::Task>> =
+                vec![running];
+            herald::celery::serve(&url, tasks, options, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let client = CeleryClient::connect(vhost.url()).await.unwrap();
+        RustSide {
+            client,
+            task,
+            _stop: stop,
+            _vhost: vhost,
+        }
+    }
+
+    fn seen(&self) -> Vec<u32> {
+        self.task.seen.lock().unwrap().clone()
+    }
 }
 
 #[tokio::test]
 #[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
 async fn a_transient_failure_is_retried_as_celery_does_then_succeeds() {
-    let vhost = TestVhost::create().unwrap();
-    let flaky = std::sync::Arc::new(Flaky {
-        seen: Default::default(),
-        nap: Duration::ZERO,
-    });
-    let _stop = rust_worker(vhost.url(), flaky.clone(), 5);
-    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+    let rust = RustSide::start(Duration::ZERO, 5, 8).await;
+    let client = &rust.client;
 
     let id = client
         .send(Send::task("tests.flaky", vec![], Map::new()))
@@ -176,20 +194,15 @@ async fn a_transient_failure_is_retried_as_celery_does_then_succeeds() {
 
     let outcome = client.result(&id, WAIT).await;
     assert_eq!(outcome, Some(Outcome::Success(json!({ "retries": 2 }))));
-    assert_eq!(*flaky.seen.lock().unwrap(), vec![0, 1, 2]);
+    assert_eq!(rust.seen(), vec![0, 1, 2]);
     client.close().await;
 }
 
 #[tokio::test]
 #[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
 async fn the_time_limit_header_bounds_each_run_and_the_last_fails_the_task() {
-    let vhost = TestVhost::create().unwrap();
-    let sleepy = std::sync::Arc::new(Flaky {
-        seen: Default::default(),
-        nap: Duration::from_secs(20),
-    });
-    let _stop = rust_worker(vhost.url(), sleepy.clone(), 2);
-    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+    let rust = RustSide::start(Duration::from_secs(20), 2, 8).await;
+    let client = &rust.client;
 
     let started = std::time::Instant::now();
     let sent = Send::task("tests.flaky", vec![], Map::new())
@@ -204,20 +217,15 @@ async fn the_time_limit_header_bounds_each_run_and_the_last_fails_the_task() {
     }
     // Two attempts of 0.3 s, not one of 20 s.
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(*sleepy.seen.lock().unwrap(), vec![0, 1]);
+    assert_eq!(rust.seen(), vec![0, 1]);
     client.close().await;
 }
 
 #[tokio::test]
 #[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
 async fn a_task_that_expires_before_its_eta_is_revoked_and_not_run() {
-    let vhost = TestVhost::create().unwrap();
-    let flaky = std::sync::Arc::new(Flaky {
-        seen: Default::default(),
-        nap: Duration::ZERO,
-    });
-    let _stop = rust_worker(vhost.url(), flaky.clone(), 5);
-    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+    let rust = RustSide::start(Duration::ZERO, 5, 8).await;
+    let client = &rust.client;
 
     // Due after it expires: held until its eta, then found expired.
     let expires = chrono::Utc::now() + chrono::Duration::seconds(1);
@@ -227,33 +235,16 @@ async fn a_task_that_expires_before_its_eta_is_revoked_and_not_run() {
     let id = client.send(sent).await.unwrap();
 
     assert_eq!(client.result(&id, WAIT).await, Some(Outcome::Revoked));
-    assert!(flaky.seen.lock().unwrap().is_empty());
+    assert!(rust.seen().is_empty());
     client.close().await;
 }
 
 #[tokio::test]
 #[ignore = "needs RabbitMQ: set HERALD_TEST_AMQP_URL"]
 async fn a_task_waiting_for_its_eta_holds_no_worker_slot() {
-    let vhost = TestVhost::create().unwrap();
-    let flaky = std::sync::Arc::new(Flaky {
-        seen: Default::default(),
-        nap: Duration::ZERO,
-    });
     // One slot: a task held until its eta would block the next.
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = herald::celery::CeleryOptions {
-        concurrency: 1,
-        ..herald::celery::CeleryOptions::default()
-    };
-    let url = vhost.url().to_owned();
-    let task: std::sync::Arc<dyn herald::celery::Task> = flaky.clone();
-    tokio::spawn(async move {
-        herald::celery::serve(&url, vec![task], options, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    let client = CeleryClient::connect(vhost.url()).await.unwrap();
+    let rust = RustSide::start(Duration::ZERO, 5, 1).await;
+    let client = &rust.client;
 
     let later = Send::task("tests.flaky", vec![], Map::new())
         .countdown(Duration::from_secs(20));
@@ -269,6 +260,5 @@ async fn a_task_waiting_for_its_eta_holds_no_worker_slot() {
     let outcome = client.result(&id, WAIT).await;
     assert!(matches!(outcome, Some(Outcome::Success(_))), "{outcome:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
-    drop(stop);
     client.close().await;
 }
